@@ -1,0 +1,134 @@
+"""The one settings object: every knob of the engine, read from the environment here only.
+
+Nothing else in the package reads ``os.environ``. A wrong value stops start-up with
+a :class:`~stream_app.errors.ConfigError` that names the environment variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_app.errors import ConfigError
+
+DEV_PII_SALT = "dev-only-salt-change-me"
+
+
+class Settings(BaseSettings):
+    """Engine configuration. Every field is an environment variable of the same name in capitals."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    # --- Kafka -------------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        description="host:port[,host:port]. Unset: only `stream-app demo` works (embedded broker).",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_session_timeout_seconds: float = Field(
+        6.0, ge=1, le=300, description="Consumer-group session timeout; also how long a join waits."
+    )
+    app_id: str = Field("onboarding-engine", min_length=1, description="Faust app id = consumer group.")
+    topic_events: str = "onboarding.events"
+    topic_dlq: str = "onboarding.events.dlq"
+    topic_triggers: str = "onboarding.triggers"
+    topic_triggers_holdout: str = "onboarding.triggers.holdout"
+    topic_segments: str = "onboarding.segments"
+
+    # --- Redis -------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis://, rediss:// or unix:// URL of the profile store."
+    )
+    redis_cluster: bool = Field(False, description="Talk the Redis Cluster protocol to REDIS_URL.")
+    redis_key_prefix: str = Field("oe", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    redis_retry_max_seconds: float = Field(10.0, gt=0, description="Cap of the retry back-off on outages.")
+
+    # --- Web -----------------------------------------------------------------------------
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1, le=65535)
+
+    # --- Processing ------------------------------------------------------------------------
+    batch_max_events: int = Field(2000, ge=1, le=100_000)
+    batch_window_seconds: float = Field(0.05, gt=0, le=10)
+    max_event_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    max_future_skew_seconds: float = Field(
+        86_400, ge=0, description="Events further in the future are invalid."
+    )
+    dedup_window_seconds: int = Field(7 * 86_400, ge=60, description="How long a messageId is remembered.")
+    profile_ttl_seconds: int = Field(180 * 86_400, ge=60, description="Profiles idle this long expire.")
+    session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
+    pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
+
+    # --- Lifecycle thresholds ----------------------------------------------------------------
+    lifecycle_active_min_sessions: int = Field(3, ge=1)
+    lifecycle_dormant_after_days: float = Field(30, gt=0)
+    lifecycle_churned_after_days: float = Field(90, gt=0)
+
+    # --- Logging ------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{part!r} is not host:port")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlparse(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"scheme {scheme!r} is not redis, rediss or unix")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "kafka_security_protocol SASL_* needs KAFKA_SASL_MECHANISM, "
+                "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        if self.lifecycle_churned_after_days <= self.lifecycle_dormant_after_days:
+            raise ValueError("lifecycle_churned_after_days must exceed lifecycle_dormant_after_days")
+        return self
+
+    def require_services(self) -> tuple[str, str]:
+        """Return (bootstrap servers, redis url) or stop with an error naming what is missing."""
+        if not self.kafka_bootstrap_servers:
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS", "not set; point it at a broker or run `stream-app demo`"
+            )
+        if not self.redis_url:
+            raise ConfigError("REDIS_URL", "not set; point it at Redis or run `stream-app demo`")
+        return self.kafka_bootstrap_servers, self.redis_url
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Read the environment (plus explicit overrides) and validate, naming a bad variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = first.get("loc") or ("settings",)
+            name = str(loc[0]).upper()
+            raise ConfigError(name, first.get("msg", "invalid")) from exc
