@@ -194,8 +194,8 @@ _DEVICE_TYPES = {
 
 
 def _normalize_device(context: dict[str, Any]) -> Device | None:
-    device = context.get("device") if isinstance(context.get("device"), dict) else {}
-    os_info = context.get("os") if isinstance(context.get("os"), dict) else {}
+    device: dict[str, Any] = context.get("device") or {}
+    os_info: dict[str, Any] = context.get("os") or {}
     ua = context.get("userAgent")
     parsed = device_from_user_agent(ua[:1024]) if isinstance(ua, str) and ua else Device()
     dtype = device.get("type") if isinstance(device.get("type"), str) else None

@@ -1,0 +1,121 @@
+"""Every Prometheus metric of the engine, declared in one place.
+
+Units are in the names (``_seconds``, ``_bytes``, ``_total``); label values are
+bounded sets (event type, reason code, operation). A user id is never a label.
+The registry is injectable so tests and benchmarks get a fresh one.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    """The engine's metrics on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "onboarding_events_consumed_total",
+            "Records read from the events topic, by event type (invalid records count as type=invalid).",
+            ["type"],
+            registry=r,
+        )
+        self.events_invalid = Counter(
+            "onboarding_events_invalid_total",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.events_duplicate = Counter(
+            "onboarding_events_duplicate_total",
+            "Valid events dropped because their messageId was already applied.",
+            registry=r,
+        )
+        self.events_applied = Counter(
+            "onboarding_events_applied_total", "Events applied to a profile.", registry=r
+        )
+        self.event_latency = Histogram(
+            "onboarding_event_to_profile_latency_seconds",
+            "Event time to profile written.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "onboarding_batch_processing_seconds",
+            "Wall time to process one batch (validate, dedup, update, publish).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "onboarding_batch_size_events", "Records per batch.", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.redis_seconds = Histogram(
+            "onboarding_redis_seconds",
+            "Time spent in Redis calls, by operation.",
+            ["operation"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.profiles_written = Counter(
+            "onboarding_profiles_written_total",
+            "Profile documents written (one per user per batch).",
+            registry=r,
+        )
+        self.write_conflicts = Counter(
+            "onboarding_profile_write_conflicts_total",
+            "Compare-and-set writes refused because another writer got there first (re-read and retried).",
+            registry=r,
+        )
+        self.identity_merges = Counter(
+            "onboarding_identity_merges_total",
+            "Identity links by outcome (merged, already_merged, no_source, conflict).",
+            ["outcome"],
+            registry=r,
+        )
+        self.profiles_erased = Counter(
+            "onboarding_profiles_erased_total", "Users erased on a Data Deletion Requested event.", registry=r
+        )
+        self.store_errors = Counter(
+            "onboarding_store_errors_total",
+            "Failed attempts to reach a store or the broker; the batch is retried, nothing is acked.",
+            ["store"],
+            registry=r,
+        )
+        self.dead_letters_published = Counter(
+            "onboarding_dead_letters_published_total", "Records written to the dead-letter topic.", registry=r
+        )
+        self.step_stats_updates = Counter(
+            "onboarding_step_stats_contributions_total",
+            "Step durations folded into the per-step statistics (after dedup).",
+            registry=r,
+        )
+        self.last_batch_unixtime = Gauge(
+            "onboarding_last_batch_timestamp_seconds", "Unix time the last batch finished.", registry=r
+        )

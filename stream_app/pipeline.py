@@ -1,0 +1,261 @@
+"""One batch of `onboarding.events` records in, profile writes and dead letters out.
+
+The order per batch is fixed and every step is idempotent, so the agent may run the
+whole batch again after any failure (Redis outage, crash, rebalance) and the result
+is as if it had run once:
+
+1. validate + normalize every record (pure); invalid ones become dead letters;
+2. link identities (identify with an anonymousId, alias) by merging profiles;
+3. read the touched profiles and which of the batch's messageIds each has applied;
+4. fold the new events in (pure :func:`stream_app.profile.apply_event`), write each
+   profile with compare-and-set, re-reading those whose version moved;
+5. fold step durations into the per-step statistics (deduplicated by messageId);
+6. erase users who asked for it.
+
+The agent acks the batch only after this returns and the dead letters are published.
+This module never talks to Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from stream_app.contract import ContractRules, Event, Invalid, parse_event
+from stream_app.metrics import Metrics
+from stream_app.profile import (
+    Effect,
+    EraseRequested,
+    Profile,
+    ProfileRules,
+    StepDuration,
+    apply_event,
+    is_tombstone,
+    merge_profiles,
+    new_profile,
+    replayed_effects,
+)
+from stream_app.store.profiles import ProfileStore, Write
+
+log = logging.getLogger(__name__)
+
+MAX_CAS_ATTEMPTS = 8
+MAX_REDIRECTS = 4
+
+StepStatsSink = Callable[[list[StepDuration]], Awaitable[None]]
+EraseHook = Callable[[list[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record as the pipeline sees it."""
+
+    value: bytes
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    dead_letters: list[tuple[Record, Invalid]] = field(default_factory=list)
+    events: list[tuple[Record, Event]] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    profiles: dict[str, Profile] = field(default_factory=dict)  # final documents written
+    effects: list[Effect] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
+
+
+class EventProcessor:
+    """Turns record batches into profile state. Holds no state between batches."""
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        contract: ContractRules,
+        rules: ProfileRules,
+        metrics: Metrics,
+        step_stats: StepStatsSink | None = None,
+        on_erase: EraseHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.contract = contract
+        self.rules = rules
+        self.metrics = metrics
+        self.step_stats = step_stats
+        self.on_erase = on_erase
+        self.clock = clock
+
+    async def process(self, records: Sequence[Record]) -> BatchOutcome:
+        outcome = BatchOutcome()
+        now_ms = int(self.clock() * 1000)
+        for rec in records:
+            parsed = parse_event(rec.value, self.contract, rec.timestamp_ms, now_ms)
+            if isinstance(parsed, Invalid):
+                outcome.dead_letters.append((rec, parsed))
+            else:
+                outcome.events.append((rec, parsed))
+
+        for _rec, ev in outcome.events:
+            source = _merge_source(ev)
+            if source is not None:
+                await self._link(source, ev.profile_id)
+
+        by_target: dict[str, list[Event]] = {}
+        for _rec, ev in outcome.events:
+            by_target.setdefault(ev.profile_id, []).append(ev)
+        await self._apply(by_target, outcome)
+
+        durations = [e for e in outcome.effects if isinstance(e, StepDuration)]
+        if durations and self.step_stats is not None:
+            await self.step_stats(durations)
+            self.metrics.step_stats_updates.inc(len(durations))
+        to_erase = list(dict.fromkeys(e.profile_id for e in outcome.effects if isinstance(e, EraseRequested)))
+        if to_erase:
+            await self._erase(to_erase, outcome)
+        return outcome
+
+    async def _apply(self, by_target: dict[str, list[Event]], outcome: BatchOutcome) -> None:
+        pending = dict(by_target)
+        for _attempt in range(MAX_CAS_ATTEMPTS):
+            if not pending:
+                return
+            pending = await self._resolve_redirects(pending)
+            t0 = time.perf_counter()
+            loaded = await self.store.load({pid: [e.message_id for e in evs] for pid, evs in pending.items()})
+            self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
+            writes: list[Write] = []
+            results: dict[str, tuple[Profile, int, int, list[Effect]]] = {}
+            for pid, events in pending.items():
+                entry = loaded[pid]
+                if is_tombstone(entry.doc):
+                    continue  # merged concurrently; the redirect pass below re-targets it
+                doc = entry.doc if entry.doc is not None else new_profile(pid)
+                applied_ids: list[str] = []
+                effects: list[Effect] = []
+                duplicates = 0
+                seen_in_batch: set[str] = set()
+                for ev in events:
+                    if ev.message_id in entry.seen or ev.message_id in seen_in_batch:
+                        duplicates += 1
+                        if ev.message_id in entry.seen:
+                            effects.extend(replayed_effects(doc, ev))
+                        continue
+                    seen_in_batch.add(ev.message_id)
+                    applied_ids.append(ev.message_id)
+                    effects.extend(apply_event(doc, ev, self.rules))
+                if applied_ids:
+                    writes.append(Write(pid, entry.version, doc, applied_ids))
+                results[pid] = (doc, len(applied_ids), duplicates, effects)
+            t0 = time.perf_counter()
+            conflicts = await self.store.save(writes)
+            self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
+            if conflicts:
+                self.metrics.write_conflicts.inc(len(conflicts))
+            now = self.clock()
+            retry: dict[str, list[Event]] = {}
+            for pid, events in pending.items():
+                if pid in conflicts or pid not in results:
+                    retry[pid] = events
+                    continue
+                doc, applied, duplicates, effects = results[pid]
+                outcome.applied += applied
+                outcome.duplicates += duplicates
+                outcome.effects.extend(effects)
+                if applied:
+                    outcome.profiles[pid] = doc
+                    self.metrics.profiles_written.inc()
+                    for ev in events:
+                        self.metrics.event_latency.observe(max(0.0, now - ev.ts_ms / 1000))
+            pending = retry
+        if pending:
+            raise RuntimeError(
+                f"profiles kept changing under us: {sorted(pending)[:5]}; will retry the batch"
+            )
+
+    async def _resolve_redirects(self, pending: dict[str, list[Event]]) -> dict[str, list[Event]]:
+        """Re-target events of ids that were merged into another profile (tombstones)."""
+        for _hop in range(MAX_REDIRECTS):
+            loaded = await self.store.load({pid: [] for pid in pending})
+            moved = {pid: e.doc["merged_into"] for pid, e in loaded.items() if is_tombstone(e.doc)}  # type: ignore[index]
+            if not moved:
+                return pending
+            resolved: dict[str, list[Event]] = {}
+            for pid, events in pending.items():
+                resolved.setdefault(moved.get(pid, pid), []).extend(events)
+            pending = resolved
+        return pending
+
+    async def _link(self, source: str, target: str) -> None:
+        """Merge the profile of ``source`` into ``target``, idempotently, in three CAS steps.
+
+        1. tombstone the source, keeping a snapshot of its document and seen ids;
+        2. fold the snapshot into the target (skipped if ``merged_from`` has the source);
+        3. drop the snapshot from the tombstone.
+        A crash between steps is repaired by the redelivered identify/alias.
+        """
+        for _attempt in range(MAX_CAS_ATTEMPTS):
+            loaded = await self.store.load({source: [], target: []})
+            src, tgt = loaded[source], loaded[target]
+            if is_tombstone(tgt.doc):
+                target = tgt.doc["merged_into"]  # type: ignore[index]
+                continue
+            if src.doc is None:
+                if await self.store.save([Write(source, src.version, {"merged_into": target})]):
+                    continue
+                self.metrics.identity_merges.labels("no_source").inc()
+                return
+            if is_tombstone(src.doc):
+                if src.doc["merged_into"] != target:
+                    # first link wins: a second user cannot absorb the same anonymous history
+                    self.metrics.identity_merges.labels("conflict").inc()
+                    log.warning("identity link refused: the source id is already merged into another user")
+                    return
+                snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])
+                if snapshot is None:
+                    self.metrics.identity_merges.labels("already_merged").inc()
+                    return
+                tomb_version = src.version
+            else:
+                snapshot, seen = src.doc, await self.store.seen_ids(source)
+                tomb = {"merged_into": target, "snapshot": snapshot, "snapshot_seen": seen}
+                if await self.store.save([Write(source, src.version, tomb)]):
+                    continue
+                tomb_version = src.version + 1
+            doc = tgt.doc if tgt.doc is not None else new_profile(target)
+            if source not in doc["merged_from"]:
+                merge_profiles(doc, snapshot, source)
+                if await self.store.save([Write(target, tgt.version, doc, seen)]):
+                    continue
+            await self.store.save([Write(source, tomb_version, {"merged_into": target})])
+            self.metrics.identity_merges.labels("merged").inc()
+            return
+        raise RuntimeError("identity link kept conflicting; will retry the batch")
+
+    async def _erase(self, profile_ids: list[str], outcome: BatchOutcome) -> None:
+        all_ids: list[str] = []
+        for pid in profile_ids:
+            doc = outcome.profiles.pop(pid, None) or await self.store.get(pid)
+            all_ids.append(pid)
+            if doc is not None and not is_tombstone(doc):
+                all_ids.extend(doc.get("merged_from", []))
+        if self.on_erase is not None:
+            await self.on_erase(all_ids)
+        await self.store.erase(all_ids)
+        outcome.erased.extend(profile_ids)
+        self.metrics.profiles_erased.inc(len(profile_ids))
+
+
+def _merge_source(ev: Event) -> str | None:
+    """The id whose history an identify/alias folds into ``ev.profile_id``, if any."""
+    if ev.type == "alias" and ev.previous_id and ev.previous_id != ev.profile_id:
+        return ev.previous_id
+    if ev.type == "identify" and ev.user_id and ev.anonymous_id and ev.anonymous_id != ev.user_id:
+        return ev.anonymous_id
+    return None

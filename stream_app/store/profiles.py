@@ -1,0 +1,227 @@
+"""The profile store: one interface, a Redis implementation and an in-memory twin.
+
+A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the JSON
+document ``d``; the applied messageIds live in the sorted set ``{prefix}:seen:{user}``
+(same hash tag, so one Lua script updates both, also on Redis Cluster). Writes are
+compare-and-set on the version: a write based on a stale read is refused and the
+caller re-reads, so a rebalance that briefly gives a user to two workers, or a retry
+after a lost reply, never applies an event twice.
+
+This module stores and fetches; it never decides what a profile contains (that is
+:mod:`stream_app.profile`).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from stream_app.profile import Profile
+from stream_app.store.keys import USER_KEY_KINDS, Keys
+
+AnyRedis = Redis | RedisCluster
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What a read returns for one profile id."""
+
+    doc: Profile | None
+    version: int
+    seen: set[str] = field(default_factory=set)  # the asked-for messageIds already applied
+
+
+@dataclass(slots=True)
+class Write:
+    """A compare-and-set write: applied only if the stored version is still ``expected_version``."""
+
+    profile_id: str
+    expected_version: int
+    doc: Profile
+    new_message_ids: Sequence[str] = ()
+
+
+class ProfileStore(abc.ABC):
+    """Profiles with dedup memory. Every method is safe to retry."""
+
+    @abc.abstractmethod
+    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
+        """For each profile id: its document, version, and which of the given messageIds it has seen."""
+
+    @abc.abstractmethod
+    async def save(self, writes: Sequence[Write]) -> set[str]:
+        """Apply the writes; return the ids whose version had moved on (nothing written for them)."""
+
+    @abc.abstractmethod
+    async def seen_ids(self, profile_id: str) -> list[str]:
+        """Every remembered messageId of a profile (used when merging identities)."""
+
+    @abc.abstractmethod
+    async def get(self, profile_id: str) -> Profile | None:
+        """The stored document, or None."""
+
+    @abc.abstractmethod
+    async def erase(self, profile_ids: Sequence[str]) -> int:
+        """Delete every per-user key of these ids (all kinds in USER_KEY_KINDS); return keys removed."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+# KEYS: profile hash, seen zset. ARGV: expected version, doc, ttl s, now ms, dedup window ms, ids...
+_CAS_LUA = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local now = tonumber(ARGV[4])
+if #ARGV > 5 then
+  local batch = {}
+  for i = 6, #ARGV do
+    batch[#batch + 1] = now
+    batch[#batch + 1] = ARGV[i]
+    if #batch >= 200 then redis.call('ZADD', KEYS[2], unpack(batch)); batch = {} end
+  end
+  if #batch > 0 then redis.call('ZADD', KEYS[2], unpack(batch)) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return v + 1
+"""
+
+
+class RedisProfileStore(ProfileStore):
+    """Profiles in Redis (standalone or Cluster): one pipeline to read a batch, one to write it."""
+
+    def __init__(self, client: AnyRedis, keys: Keys, ttl_seconds: int, dedup_window_seconds: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_seconds = ttl_seconds
+        self.dedup_window_ms = dedup_window_seconds * 1000
+        self._cas = client.register_script(_CAS_LUA)
+
+    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
+        ids = list(requests)
+        pipe = self.client.pipeline(transaction=False)
+        for pid in ids:
+            pipe.hmget(self.keys.profile(pid), ["v", "d"])
+            msg_ids = requests[pid]
+            if msg_ids:
+                pipe.zmscore(self.keys.seen(pid), list(msg_ids))
+        replies = await pipe.execute()
+        out: dict[str, Loaded] = {}
+        pos = 0
+        for pid in ids:
+            version, raw = replies[pos]
+            pos += 1
+            seen: set[str] = set()
+            msg_ids = requests[pid]
+            if msg_ids:
+                scores = replies[pos]
+                pos += 1
+                seen = {m for m, s in zip(msg_ids, scores, strict=True) if s is not None}
+            doc = orjson.loads(raw) if raw is not None else None
+            out[pid] = Loaded(doc, int(version) if version is not None else 0, seen)
+        return out
+
+    async def save(self, writes: Sequence[Write]) -> set[str]:
+        if not writes:
+            return set()
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for w in writes:
+            await self._cas(
+                keys=[self.keys.profile(w.profile_id), self.keys.seen(w.profile_id)],
+                args=[
+                    w.expected_version,
+                    orjson.dumps(w.doc),
+                    self.ttl_seconds,
+                    now_ms,
+                    self.dedup_window_ms,
+                    *w.new_message_ids,
+                ],
+                client=pipe,  # type: ignore[arg-type]  # redis-py accepts pipelines here
+            )
+        replies = await pipe.execute()
+        return {w.profile_id for w, r in zip(writes, replies, strict=True) if int(r) < 0}
+
+    async def seen_ids(self, profile_id: str) -> list[str]:
+        members = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def get(self, profile_id: str) -> Profile | None:
+        raw = await self.client.hget(self.keys.profile(profile_id), "d")
+        return orjson.loads(raw) if raw is not None else None
+
+    async def erase(self, profile_ids: Sequence[str]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for pid in profile_ids:
+            for kind in USER_KEY_KINDS:
+                pipe.delete(self.keys.user_key(kind, pid))
+        return sum(int(n) for n in await pipe.execute())
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class InMemoryProfileStore(ProfileStore):
+    """The same contract in a dict: for unit tests and the pure pipeline tests. Not for production."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, tuple[int, bytes]] = {}
+        self.seen: dict[str, dict[str, int]] = {}
+        self.extra_keys: dict[str, Any] = {}
+
+    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
+        out: dict[str, Loaded] = {}
+        for pid, msg_ids in requests.items():
+            version, raw = self.profiles.get(pid, (0, b""))
+            remembered = self.seen.get(pid, {})
+            out[pid] = Loaded(
+                orjson.loads(raw) if raw else None, version, {m for m in msg_ids if m in remembered}
+            )
+        return out
+
+    async def save(self, writes: Sequence[Write]) -> set[str]:
+        conflicts: set[str] = set()
+        now_ms = int(time.time() * 1000)
+        for w in writes:
+            version = self.profiles.get(w.profile_id, (0, b""))[0]
+            if version != w.expected_version:
+                conflicts.add(w.profile_id)
+                continue
+            self.profiles[w.profile_id] = (version + 1, orjson.dumps(w.doc))
+            if w.new_message_ids:
+                self.seen.setdefault(w.profile_id, {}).update(dict.fromkeys(w.new_message_ids, now_ms))
+        return conflicts
+
+    async def seen_ids(self, profile_id: str) -> list[str]:
+        return list(self.seen.get(profile_id, {}))
+
+    async def get(self, profile_id: str) -> Profile | None:
+        entry = self.profiles.get(profile_id)
+        return orjson.loads(entry[1]) if entry else None
+
+    async def erase(self, profile_ids: Sequence[str]) -> int:
+        removed = 0
+        for pid in profile_ids:
+            removed += int(self.profiles.pop(pid, None) is not None)
+            removed += int(self.seen.pop(pid, None) is not None)
+        return removed
+
+    async def ping(self) -> None:
+        return None

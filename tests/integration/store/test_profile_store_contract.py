@@ -1,0 +1,72 @@
+"""One contract, two implementations: the in-memory twin must behave like Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from stream_app.profile import new_profile
+from stream_app.store.keys import USER_KEY_KINDS, Keys
+from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisProfileStore, Write
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[ProfileStore]:
+    if request.param == "memory":
+        yield InMemoryProfileStore()
+        return
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield RedisProfileStore(client, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
+    await client.aclose()
+
+
+async def test_unknown_profile_loads_as_version_zero(store: ProfileStore) -> None:
+    loaded = await store.load({"nobody": ["m1"]})
+    assert loaded["nobody"].doc is None
+    assert loaded["nobody"].version == 0
+    assert loaded["nobody"].seen == set()
+    assert await store.get("nobody") is None
+
+
+async def test_write_then_read_back_with_seen_ids(store: ProfileStore) -> None:
+    doc = new_profile("u1")
+    doc["event_count"] = 2
+    assert await store.save([Write("u1", 0, doc, ["m1", "m2"])]) == set()
+    loaded = await store.load({"u1": ["m1", "m3"]})
+    assert loaded["u1"].version == 1
+    assert loaded["u1"].doc == doc
+    assert loaded["u1"].seen == {"m1"}
+    assert sorted(await store.seen_ids("u1")) == ["m1", "m2"]
+
+
+async def test_stale_write_is_refused_and_changes_nothing(store: ProfileStore) -> None:
+    first = new_profile("u2")
+    assert await store.save([Write("u2", 0, first, ["a"])]) == set()
+    stale = new_profile("u2")
+    stale["event_count"] = 99
+    assert await store.save([Write("u2", 0, stale, ["b"])]) == {"u2"}
+    loaded = await store.load({"u2": ["a", "b"]})
+    assert loaded["u2"].doc == first
+    assert loaded["u2"].seen == {"a"}
+
+
+async def test_batch_of_writes_reports_only_the_conflicting_ids(store: ProfileStore) -> None:
+    await store.save([Write("x", 0, new_profile("x"))])
+    conflicts = await store.save([Write("x", 0, new_profile("x")), Write("y", 0, new_profile("y"))])
+    assert conflicts == {"x"}
+    assert (await store.load({"y": []}))["y"].version == 1
+
+
+async def test_erase_removes_every_key_of_the_user(store: ProfileStore) -> None:
+    await store.save([Write("gone", 0, new_profile("gone"), ["m"]), Write("kept", 0, new_profile("kept"))])
+    assert await store.erase(["gone"]) >= 2
+    assert await store.get("gone") is None
+    assert (await store.load({"gone": ["m"]}))["gone"].seen == set()
+    assert await store.get("kept") is not None
+    if isinstance(store, RedisProfileStore):
+        keys = Keys("t")
+        for kind in USER_KEY_KINDS:
+            assert not await store.client.exists(keys.user_key(kind, "gone"))
