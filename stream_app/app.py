@@ -1,0 +1,226 @@
+"""Builds the Faust app and the runtime its agents and web views share.
+
+:class:`Runtime` owns the connections (Redis), the stores, the pipeline and the
+metrics; agents in ``agents/`` are thin glue from topics to its methods. Nothing here
+decides what goes into a profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from stream_app.contract import ContractRules
+from stream_app.metrics import Metrics
+from stream_app.pipeline import BatchOutcome, EventProcessor, Record
+from stream_app.profile import Profile, ProfileRules, is_tombstone, render_profile
+from stream_app.settings import DEV_PII_SALT, Settings
+from stream_app.store.keys import Keys
+from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
+from stream_app.topics import TopicSpec, load_topics
+
+log = logging.getLogger("stream_app")
+
+DAY_MS = 86_400_000
+
+
+def contract_rules(settings: Settings) -> ContractRules:
+    return ContractRules(
+        max_event_bytes=settings.max_event_bytes,
+        max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
+        pii_salt=settings.pii_hash_salt.get_secret_value().encode(),
+    )
+
+
+def profile_rules(settings: Settings) -> ProfileRules:
+    return ProfileRules(
+        session_gap_ms=settings.session_gap_seconds * 1000,
+        active_min_sessions=settings.lifecycle_active_min_sessions,
+        dormant_after_ms=int(settings.lifecycle_dormant_after_days * DAY_MS),
+        churned_after_ms=int(settings.lifecycle_churned_after_days * DAY_MS),
+    )
+
+
+def redis_client(settings: Settings, url: str) -> AnyRedis:
+    if settings.redis_cluster:
+        return aioredis.RedisCluster.from_url(url)
+    return aioredis.Redis.from_url(url, health_check_interval=30)
+
+
+class Runtime:
+    """What the agents and views share: settings, stores, pipeline, metrics."""
+
+    def __init__(
+        self, settings: Settings, store: ProfileStore | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.keys = Keys(settings.redis_key_prefix)
+        self.topics: dict[str, TopicSpec] = load_topics(settings)
+        self.redis: AnyRedis | None = None
+        if store is None:
+            _, redis_url = settings.require_services()
+            self.redis = redis_client(settings, redis_url)
+            store = RedisProfileStore(
+                self.redis, self.keys, settings.profile_ttl_seconds, settings.dedup_window_seconds
+            )
+        self.store = store
+        self.profile_rules = profile_rules(settings)
+        self.processor = EventProcessor(store, contract_rules(settings), self.profile_rules, self.metrics)
+        self.dlq_topic: Any = None  # set by the agent module
+        self.ready = False
+
+    async def wait_for_store(self) -> None:
+        """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""
+        delay = 0.2
+        while True:
+            try:
+                await self.store.ping()
+                self.ready = True
+                return
+            except (RedisError, OSError) as exc:
+                self.metrics.store_errors.labels("redis").inc()
+                log.warning("redis not reachable, retrying", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_seconds)
+
+    async def handle_batch(self, records: list[Record]) -> BatchOutcome:
+        """Process one batch until it succeeds. Outages pause here; nothing is acked meanwhile."""
+        started = time.perf_counter()
+        delay = 0.1
+        while True:
+            try:
+                outcome = await self.processor.process(records)
+                await self.publish_dead_letters(outcome)
+                break
+            except (RedisError, OSError, RuntimeError) as exc:
+                self.metrics.store_errors.labels(type(exc).__name__).inc()
+                log.warning(
+                    "batch failed, retrying the whole batch (idempotent)",
+                    extra={"error": repr(exc)[:300], "retry_in_s": delay, "records": len(records)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_seconds)
+        self._count(records, outcome, time.perf_counter() - started)
+        return outcome
+
+    async def publish_dead_letters(self, outcome: BatchOutcome) -> None:
+        if not outcome.dead_letters or self.dlq_topic is None:
+            return
+        failed_at = datetime.now(UTC).isoformat().encode()
+        futures = []
+        for rec, invalid in outcome.dead_letters:
+            headers = [
+                ("dlq.reason", invalid.reason.value.encode()),
+                ("dlq.message", invalid.message.encode()),
+                ("dlq.source.topic", rec.topic.encode()),
+                ("dlq.source.partition", str(rec.partition).encode()),
+                ("dlq.source.offset", str(rec.offset).encode()),
+                ("dlq.failed_at", failed_at),
+            ]
+            if rec.timestamp_ms is not None:
+                headers.append(("dlq.source.timestamp", str(rec.timestamp_ms).encode()))
+            futures.append(await self.dlq_topic.send(key=rec.key, value=rec.value, headers=headers))
+        await asyncio.gather(*futures)  # delivered before the batch is acked
+        self.metrics.dead_letters_published.inc(len(futures))
+
+    def _count(self, records: list[Record], outcome: BatchOutcome, seconds: float) -> None:
+        m = self.metrics
+        m.batch_seconds.observe(seconds)
+        m.batch_size.observe(len(records))
+        for _rec, ev in outcome.events:
+            m.events_consumed.labels(ev.type).inc()
+        for _rec, invalid in outcome.dead_letters:
+            m.events_consumed.labels("invalid").inc()
+            m.events_invalid.labels(invalid.reason.value).inc()
+        m.events_duplicate.inc(outcome.duplicates)
+        m.events_applied.inc(outcome.applied)
+        m.last_batch_unixtime.set(time.time())
+
+    async def read_profile(self, user_id: str) -> Profile | None:
+        """The reader's view of a profile, following identity links; None when unknown or erased."""
+        doc = await self.store.get(user_id)
+        for _hop in range(4):
+            if not is_tombstone(doc):
+                break
+            doc = await self.store.get(doc["merged_into"])  # type: ignore[index]
+        if doc is None or is_tombstone(doc):
+            return None
+        return render_profile(doc, int(time.time() * 1000), self.profile_rules)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def _credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(
+                str(settings.kafka_ssl_certfile),
+                str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            )
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faust.App, Runtime]:
+    """The Faust app with its agents and views registered, and the runtime they share."""
+    bootstrap, _ = settings.require_services()
+    if settings.pii_hash_salt.get_secret_value() == DEV_PII_SALT:
+        log.warning("PII_HASH_SALT is the development default; set your own secret in production")
+    runtime = runtime or Runtime(settings)
+    brokers = ";".join(f"kafka://{b.strip()}" for b in bootstrap.split(","))
+    app = faust.App(
+        settings.app_id,
+        broker=brokers,
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        autodiscover=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        topic_partitions=runtime.topics["events"].partitions,
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_seconds / 6),
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_in_thread=False,
+    )
+
+    from agents import register_all
+    from stream_app import web
+
+    register_all(app, runtime)
+    web.register(app, runtime)
+
+    @app.task
+    async def _wait_for_store() -> None:
+        await runtime.wait_for_store()
+
+    return app, runtime

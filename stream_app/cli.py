@@ -1,0 +1,173 @@
+"""The ``stream-app`` command line.
+
+stream-app demo              embedded broker + Redis + worker + synthetic stream + live view
+stream-app worker            run the worker against KAFKA_BOOTSTRAP_SERVERS and REDIS_URL
+stream-app topics apply      create/update the topics declared in topics/topics.toml
+stream-app profile USER_ID   print a user's profile as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from stream_app.errors import ConfigError, StreamAppError
+from stream_app.settings import Settings
+
+DEMO_STATE = Path(".stream-app") / "demo.json"
+
+CONFIG_HELP = """configuration (environment variables; see README for all):
+  KAFKA_BOOTSTRAP_SERVERS  host:port[,host:port] of the Kafka cluster
+  REDIS_URL                redis://host:port/db of the profile store (REDIS_CLUSTER=true for Cluster)
+  WEB_PORT                 port of the worker's HTTP server (/profiles/<id>, /metrics, /healthz)
+  KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD,
+  KAFKA_SSL_CAFILE ...     passed through to the Kafka clients
+"""
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    bootstrap, _ = settings.require_services()
+    if args.apply_topics:
+        from stream_app.topics import apply_topics
+
+        for line in apply_topics(settings, bootstrap):
+            print(line, file=sys.stderr)
+    import faust
+
+    from stream_app.app import create_app
+    from stream_app.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+
+    app, _runtime = create_app(settings)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        override_logging=False,  # our JSON handler (set up above) stays the only one
+        quiet=True,
+    )
+    worker.execute_from_commandline()
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", "not set; `topics apply` needs a broker")
+    from stream_app.topics import apply_topics
+
+    for line in apply_topics(settings, settings.kafka_bootstrap_servers):
+        print(line)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    overrides = {}
+    if not os.environ.get("REDIS_URL") and DEMO_STATE.exists():
+        state = json.loads(DEMO_STATE.read_text())
+        overrides["redis_url"] = state["redis_url"]
+        print(f"(REDIS_URL not set: reading the running demo's Redis {state['redis_url']})", file=sys.stderr)
+    settings = Settings.load(**overrides)
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL", "not set; point it at the profile store")
+
+    from stream_app.app import Runtime
+
+    async def fetch() -> dict[str, object] | None:
+        runtime = Runtime(settings.model_copy(update={"kafka_bootstrap_servers": "unused:1"}))
+        try:
+            return await runtime.read_profile(args.user_id)
+        finally:
+            await runtime.close()
+
+    doc = asyncio.run(fetch())
+    if doc is None:
+        print(f"no profile for {args.user_id!r} (unknown or erased)", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stream_app.demo import run_demo
+
+    return run_demo(users=args.users, rate=args.rate, time_scale=args.time_scale, duration=args.duration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-app",
+        description="Real-time onboarding personalization engine: Kafka events -> Redis profiles, "
+        "segments and triggers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONFIG_HELP,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run everything locally: embedded broker and Redis, the worker, "
+        "a synthetic onboarding stream and a live view (Ctrl-C stops)",
+    )
+    demo.add_argument("--users", type=int, default=2000, help="simulated users (default 2000)")
+    demo.add_argument("--rate", type=float, default=500.0, help="events per second to send (default 500)")
+    demo.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.02,
+        help="compress the users' real think times by this factor (default 0.02)",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run the stream worker against KAFKA_BOOTSTRAP_SERVERS / REDIS_URL",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument(
+        "--apply-topics", action="store_true", help="create/update the declared topics before starting"
+    )
+    worker.set_defaults(func=_cmd_worker)
+
+    topics = sub.add_parser("topics", help="manage the declared Kafka topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    apply = topics_sub.add_parser(
+        "apply", help="create missing topics, raise partition counts, set configs (idempotent; never deletes)"
+    )
+    apply.set_defaults(func=_cmd_topics)
+
+    profile = sub.add_parser("profile", help="print a user's profile as JSON (reads REDIS_URL)")
+    profile.add_argument("user_id", help="userId (or an anonymousId; merged ids resolve to their user)")
+    profile.set_defaults(func=_cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"stream-app: {exc}", file=sys.stderr)
+        return 2
+    except StreamAppError as exc:
+        print(f"stream-app: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
