@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
@@ -111,9 +111,13 @@ class ContractRules:
     pii_salt: bytes = b"dev-only-salt-change-me"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
 def iso_ms(ts_ms: int) -> str:
     """Render epoch milliseconds as ISO-8601 UTC with millisecond precision and a Z."""
-    dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+    dt = _EPOCH + timedelta(milliseconds=ts_ms)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
 
 
@@ -125,7 +129,7 @@ def parse_timestamp(value: str) -> int:
     dt = datetime.fromisoformat(text.replace("z", "Z"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    return (dt - _EPOCH) // _ONE_MS  # exact integer arithmetic, no float rounding
 
 
 def hash_pii(value: str, salt: bytes) -> str:
@@ -337,10 +341,10 @@ def _parse_object(
         return _wrong("event", "a string")
 
     previous_id: str | None = None
+    prev = _opt_str(doc, "previousId")
+    if isinstance(prev, Invalid):
+        return prev
     if etype == "alias":
-        prev = _opt_str(doc, "previousId")
-        if isinstance(prev, Invalid):
-            return prev
         if not prev:
             return Invalid(Reason.MISSING_FIELD, "alias events need previousId")
         if not user_id:
