@@ -95,7 +95,7 @@ class Metrics:
         )
         self.identity_merges = Counter(
             "onboarding_identity_merges_total",
-            "Identity links by outcome (merged, already_merged, no_source, conflict).",
+            "Identity links by outcome (merged, linked, already_merged, conflict).",
             ["outcome"],
             registry=r,
         )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from stream_app.contract import ContractRules, Event, Invalid, parse_event
 from stream_app.metrics import Metrics
 from stream_app.profile import (
+    MAX_MERGED_IDS,
     Effect,
     EraseRequested,
     Profile,
@@ -193,12 +194,16 @@ class EventProcessor:
         return pending
 
     async def _link(self, source: str, target: str) -> None:
-        """Merge the profile of ``source`` into ``target``, idempotently, in three CAS steps.
+        """Link ``source`` (anonymous or previous id) to ``target``, idempotently, in three CAS steps.
 
-        1. tombstone the source, keeping a snapshot of its document and seen ids;
-        2. fold the snapshot into the target (skipped if ``merged_from`` has the source);
+        1. tombstone the source (``merged_into``), keeping a snapshot of its document and
+           seen ids if it had a profile; later events of the source are redirected;
+        2. fold the snapshot into the target and record the source in ``merged_from``
+           (skipped if already recorded), so erasure of the target finds the source;
         3. drop the snapshot from the tombstone.
-        A crash between steps is repaired by the redelivered identify/alias.
+        A crash between steps is repaired by the redelivered identify/alias. The link may
+        arrive before the source's own events (they are keyed to another partition): the
+        tombstone then redirects them when they come.
         """
         for _attempt in range(MAX_CAS_ATTEMPTS):
             loaded = await self.store.load({source: [], target: []})
@@ -206,35 +211,39 @@ class EventProcessor:
             if is_tombstone(tgt.doc):
                 target = tgt.doc["merged_into"]  # type: ignore[index]
                 continue
-            if src.doc is None:
-                if await self.store.save([Write(source, src.version, {"merged_into": target})]):
-                    continue
-                self.metrics.identity_merges.labels("no_source").inc()
-                return
+            snapshot: Profile | None = None
+            seen: list[str] = []
             if is_tombstone(src.doc):
-                if src.doc["merged_into"] != target:
+                if src.doc["merged_into"] != target:  # type: ignore[index]
                     # first link wins: a second user cannot absorb the same anonymous history
                     self.metrics.identity_merges.labels("conflict").inc()
-                    log.warning("identity link refused: the source id is already merged into another user")
+                    log.warning("identity link refused: the source id is already linked to another user")
                     return
-                snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])
-                if snapshot is None:
-                    self.metrics.identity_merges.labels("already_merged").inc()
-                    return
+                snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])  # type: ignore[union-attr]
                 tomb_version = src.version
             else:
-                snapshot, seen = src.doc, await self.store.seen_ids(source)
-                tomb = {"merged_into": target, "snapshot": snapshot, "snapshot_seen": seen}
+                if src.doc is not None:
+                    snapshot, seen = src.doc, await self.store.seen_ids(source)
+                tomb: Profile = {"merged_into": target}
+                if snapshot is not None:
+                    tomb.update(snapshot=snapshot, snapshot_seen=seen)
                 if await self.store.save([Write(source, src.version, tomb)]):
                     continue
                 tomb_version = src.version + 1
             doc = tgt.doc if tgt.doc is not None else new_profile(target)
+            outcome = "already_merged"
             if source not in doc["merged_from"]:
-                merge_profiles(doc, snapshot, source)
+                if snapshot is not None:
+                    merge_profiles(doc, snapshot, source)
+                    outcome = "merged"
+                else:
+                    doc["merged_from"] = [*doc["merged_from"], source][:MAX_MERGED_IDS]
+                    outcome = "linked"
                 if await self.store.save([Write(target, tgt.version, doc, seen)]):
                     continue
-            await self.store.save([Write(source, tomb_version, {"merged_into": target})])
-            self.metrics.identity_merges.labels("merged").inc()
+            if snapshot is not None:
+                await self.store.save([Write(source, tomb_version, {"merged_into": target})])
+            self.metrics.identity_merges.labels(outcome).inc()
             return
         raise RuntimeError("identity link kept conflicting; will retry the batch")
 

@@ -102,7 +102,7 @@ async def test_the_same_batch_twice_changes_nothing_and_replays_step_stats() -> 
     again = await h.run(*batch)
     assert again.applied == 0 and again.duplicates == 2
     assert await h.doc("u1") == once
-    # the stats store dedups by messageId; the pipeline resends so a crash after the profile write loses nothing
+    # the stats store dedups by messageId; resending means a crash after the profile write loses nothing
     assert h.durations == [StepDuration("signup", "email", 30.0, "m2")] * 2
 
 
@@ -236,3 +236,14 @@ async def test_redelivery_and_batching_never_change_the_result(
         position += cut
     for user in ("u1", "u2"):
         assert await messy.doc(user) == await clean.doc(user)
+
+
+async def test_identify_before_the_anonymous_events_still_links_and_erases_them() -> None:
+    # anonymous events are keyed by anonymousId, so another partition may deliver them after the identify
+    h = Harness()
+    await h.run(ev("identify", "i1", uid="u1", anon="anon", at=10))
+    await h.run(track("Feature Used", "a1", uid=None, anon="anon", at=1, feature="f"))
+    doc = await h.doc("u1")
+    assert doc is not None and doc["features"] == {"f": 1} and doc["merged_from"] == ["anon"]
+    await h.run(track("Data Deletion Requested", "del", at=20))
+    assert h.store.profiles == {} and h.store.seen == {}

@@ -1,0 +1,262 @@
+"""The worker as a user runs it: a frontend produces with confluent-kafka, profiles come back over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from stream_app.contract import ContractRules, iso_ms
+from stream_app.metrics import Metrics
+from stream_app.pipeline import EventProcessor, Record
+from stream_app.profile import ProfileRules
+from stream_app.store.keys import Keys
+from stream_app.store.profiles import InMemoryProfileStore
+
+from .conftest import PII_SALT, Deployment, WorkerHandle, wait_until
+
+pytestmark = pytest.mark.e2e
+
+STEPS = ["account", "profile", "connect_data", "invite_team"]
+
+
+def synthetic_events(users: int, seed: int, start_ms: int) -> list[dict[str, Any]]:
+    """A small, varied onboarding stream: sessions, steps, help, features, identify, consent."""
+    rnd = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for u in range(users):
+        uid, anon = f"user-{seed}-{u}", f"anon-{seed}-{u}"
+        t = start_ms + rnd.randint(0, 60_000)
+        mid = 0
+
+        def add(ids: dict[str, str], kind: str, uid: str = uid, **fields: Any) -> None:
+            nonlocal mid, t
+            mid += 1
+            t += rnd.randint(500, 20_000)
+            out.append({"type": kind, "messageId": f"{uid}-{mid}", "timestamp": iso_ms(t), **ids, **fields})
+
+        anon_ids = {"anonymousId": anon}
+        add(anon_ids, "page", name="Landing")
+        add(anon_ids, "track", event="Session Started")
+        user_ids = {"userId": uid, "anonymousId": anon}
+        add(
+            user_ids,
+            "identify",
+            traits={"email": f"{uid}@example.com", "plan": rnd.choice(["free", "pro"])},
+            context={"consent": {"categoryPreferences": {"personalization": rnd.random() > 0.1}}},
+        )
+        for step in STEPS[: rnd.randint(1, len(STEPS))]:
+            add(
+                {"userId": uid},
+                "track",
+                event="Onboarding Step Started",
+                properties={"flow": "signup", "step": step},
+            )
+            if rnd.random() < 0.3:
+                add({"userId": uid}, "track", event="Help Viewed", properties={"step": step})
+            if rnd.random() < 0.8:
+                add(
+                    {"userId": uid},
+                    "track",
+                    event="Onboarding Step Completed",
+                    properties={"flow": "signup", "step": step},
+                )
+        for _ in range(rnd.randint(0, 4)):
+            add({"userId": uid}, "track", event="Feature Used", properties={"feature": rnd.choice("abcdef")})
+    out.sort(key=lambda e: e["timestamp"])
+    return out
+
+
+def expected_profiles(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one clean pass of the pure pipeline (in memory) makes of the events."""
+    store = InMemoryProfileStore()
+    processor = EventProcessor(store, ContractRules(pii_salt=PII_SALT.encode()), ProfileRules(), Metrics())
+    recs = [Record(orjson.dumps(e), None, "t", 0, i, None) for i, e in enumerate(events)]
+    asyncio.run(processor.process(recs))
+    return {pid: orjson.loads(raw) for pid, (_v, raw) in store.profiles.items()}
+
+
+def stored_profiles(deployment: Deployment, ids: list[str]) -> dict[str, Any]:
+    client = redis.Redis.from_url(deployment.settings.redis_url or "")
+    keys = Keys(deployment.settings.redis_key_prefix)
+    out = {}
+    for pid in ids:
+        raw = client.hget(keys.profile(pid), "d")
+        if raw is not None:
+            out[pid] = orjson.loads(raw)
+    return out
+
+
+def settled(profiles: dict[str, Any]) -> dict[str, Any]:
+    """The fields that do not depend on the order partitions deliver in.
+
+    Anonymous events are keyed by anonymousId, so they may be applied after the identify
+    that links them; gap-inferred sessions then depend on arrival order, totals do not.
+    """
+    view = {}
+    for pid, doc in profiles.items():
+        view[pid] = {
+            **{
+                k: doc[k]
+                for k in (
+                    "event_count",
+                    "counts",
+                    "events",
+                    "features",
+                    "help_views",
+                    "traits",
+                    "consent",
+                    "first_seen_ms",
+                    "last_seen_ms",
+                )
+            },
+            "merged_from": sorted(doc["merged_from"]),
+            "steps": {
+                f: {s: d["duration_s"] for s, d in st["completed_steps"].items()}
+                for f, st in doc["onboarding"].items()
+            },
+        }
+    return view
+
+
+def applied_total(worker: WorkerHandle) -> float:
+    return worker.metric("onboarding_events_applied_total")
+
+
+def test_profiles_appear_over_http(deployment: Deployment, worker_factory: Any) -> None:
+    worker = worker_factory().start()
+    events = synthetic_events(users=5, seed=1, start_ms=1_795_000_000_000)
+    deployment.send(events)
+    wait_until(lambda: applied_total(worker) >= len(events), 60, "all events applied", worker.tail)
+    status, doc = worker.get("/profiles/user-1-0")
+    assert status == 200
+    assert doc["user_id"] == "user-1-0" and doc["merged_from"] == ["anon-1-0"]
+    assert doc["lifecycle"] in ("new", "activated", "active", "dormant", "churned")
+    assert "email" not in doc["traits"] and "email_sha256" in doc["traits"]
+    status, via_anon = worker.get("/profiles/anon-1-0")
+    assert status == 200 and via_anon["user_id"] == "user-1-0"
+    assert worker.get("/profiles/nobody")[0] == 404
+    metrics = worker.wait_http("/metrics", 5).decode()
+    assert "onboarding_event_to_profile_latency_seconds_bucket" in metrics
+    assert "user-1-0" not in metrics
+
+
+def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_keeps_going(
+    deployment: Deployment, worker_factory: Any
+) -> None:
+    worker = worker_factory().start()
+    garbage = bytes(random.Random(7).getrandbits(8) for _ in range(990_000))  # ~1 MB, under the 1 MB record limit
+    bad: list[tuple[bytes | None, bytes, str]] = [
+        (b"k1", b"{this is not json", "not_json"),
+        (b"k2", orjson.dumps({"type": "track", "event": "x", "userId": "u"}), "missing_message_id"),
+        (b"k3", orjson.dumps({"type": "screen", "messageId": "s", "userId": "u"}), "unknown_type"),
+        (b"k4", orjson.dumps({"type": "track", "messageId": "w", "userId": 42, "event": "x"}), "wrong_type"),
+        (None, garbage, "too_large"),
+    ]
+    good = synthetic_events(users=2, seed=2, start_ms=1_795_000_000_000)
+    deployment.send([(k, v) for k, v, _ in bad])
+    deployment.send(good)
+    wait_until(lambda: applied_total(worker) >= len(good), 60, "valid events after the bad ones", worker.tail)
+    assert worker.proc is not None and worker.proc.poll() is None
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": deployment.settings.kafka_bootstrap_servers,
+            "group.id": "dlq-reader",
+            "enable.auto.commit": False,
+            "fetch.message.max.bytes": 2_000_000,
+        }
+    )
+    consumer.assign([TopicPartition(deployment.settings.topic_dlq, 0, 0)])
+    letters = []
+    for _ in range(60):
+        msg = consumer.poll(1.0)
+        if msg is not None and not msg.error():
+            letters.append(msg)
+        if len(letters) == len(bad):
+            break
+    consumer.close()
+    assert len(letters) == len(bad)
+    by_value = {msg.value(): msg for msg in letters}  # source partitions interleave in any order
+    for key, value, reason in bad:
+        msg = by_value[value]  # the original bytes, exactly
+        headers = {k: v.decode() for k, v in msg.headers()}
+        assert headers["dlq.reason"] == reason
+        assert headers["dlq.message"]
+        assert headers["dlq.source.topic"] == deployment.settings.topic_events
+        assert int(headers["dlq.source.offset"]) >= 0
+        assert msg.key() == key
+    assert worker.metric("onboarding_events_invalid_total") == len(bad)
+
+
+def test_every_event_twice_gives_the_profiles_of_one_pass(
+    deployment: Deployment, worker_factory: Any
+) -> None:
+    events = synthetic_events(users=40, seed=3, start_ms=1_795_000_000_000)
+    expected = expected_profiles(events)
+    worker = worker_factory().start()
+    deployment.send(events)
+    deployment.send(events)  # the frontend retried everything
+    total = 2 * len(events)
+    wait_until(
+        lambda: applied_total(worker) + worker.metric("onboarding_events_duplicate_total") >= total,
+        90,
+        "both passes processed",
+        worker.tail,
+    )
+    assert applied_total(worker) == len(events)
+    user_ids = [pid for pid in expected if pid.startswith("user-")]
+    assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
+
+
+def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
+    deployment: Deployment, worker_factory: Any
+) -> None:
+    events = synthetic_events(users=600, seed=4, start_ms=1_795_000_000_000)
+    expected = expected_profiles(events)
+    deployment.send(events)
+    first = worker_factory().start()
+    wait_until(lambda: applied_total(first) >= len(events) // 4, 90, "a quarter applied", first.tail)
+    first.kill()  # no shutdown, no final commit
+    second = worker_factory().start()
+    user_ids = [pid for pid in expected if pid.startswith("user-")]
+
+    def all_done() -> bool:
+        stored = stored_profiles(deployment, user_ids)
+        return sum(d["event_count"] for d in stored.values()) >= sum(
+            expected[p]["event_count"] for p in user_ids
+        )
+
+    wait_until(all_done, 120, "the rest applied after restart", second.tail)
+    assert second.metric("onboarding_events_applied_total") < len(events)  # it resumed, not restarted
+    assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
+
+
+def test_erased_user_is_gone_everywhere(deployment: Deployment, worker_factory: Any) -> None:
+    worker = worker_factory().start()
+    events = synthetic_events(users=3, seed=5, start_ms=1_795_000_000_000)
+    deployment.send(events)
+    wait_until(lambda: applied_total(worker) >= len(events), 60, "events applied", worker.tail)
+    assert worker.get("/profiles/user-5-1")[0] == 200
+    deployment.send(
+        [
+            {
+                "type": "track",
+                "messageId": "erase-1",
+                "userId": "user-5-1",
+                "event": "Data Deletion Requested",
+                "timestamp": iso_ms(1_795_000_900_000),
+            }
+        ]
+    )
+    wait_until(lambda: worker.get("/profiles/user-5-1")[0] == 404, 60, "profile erased", worker.tail)
+    assert worker.get("/profiles/anon-5-1")[0] == 404
+    client = redis.Redis.from_url(deployment.settings.redis_url or "")
+    leftovers = [k for k in client.scan_iter(f"{deployment.settings.redis_key_prefix}:*") if b"5-1}" in k]
+    assert leftovers == []
+    assert worker.get("/profiles/user-5-0")[0] == 200  # others untouched
