@@ -74,7 +74,13 @@ class Runtime:
             )
         self.store = store
         self.profile_rules = profile_rules(settings)
-        self.processor = EventProcessor(store, contract_rules(settings), self.profile_rules, self.metrics)
+        self.processor = EventProcessor(
+            store,
+            contract_rules(settings),
+            self.profile_rules,
+            self.metrics,
+            cache_size=settings.profile_cache_size,
+        )
         self.dlq_topic: Any = None  # set by the agent module
         self.ready = False
 

@@ -18,10 +18,14 @@ This module never talks to Kafka.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+
+import orjson
 
 from stream_app.contract import ContractRules, Event, Invalid, parse_event
 from stream_app.metrics import Metrics
@@ -38,12 +42,13 @@ from stream_app.profile import (
     new_profile,
     replayed_effects,
 )
-from stream_app.store.profiles import ProfileStore, Write
+from stream_app.store.profiles import Loaded, ProfileStore, Write
 
 log = logging.getLogger(__name__)
 
 MAX_CAS_ATTEMPTS = 8
 MAX_REDIRECTS = 4
+LINK_CONCURRENCY = 32
 
 StepStatsSink = Callable[[list[StepDuration]], Awaitable[None]]
 EraseHook = Callable[[list[str]], Awaitable[None]]
@@ -84,6 +89,7 @@ class EventProcessor:
         step_stats: StepStatsSink | None = None,
         on_erase: EraseHook | None = None,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 0,
     ) -> None:
         self.store = store
         self.contract = contract
@@ -92,6 +98,10 @@ class EventProcessor:
         self.step_stats = step_stats
         self.on_erase = on_erase
         self.clock = clock
+        # Documents this worker wrote last, by id: a batch skips reading them. Never trusted
+        # blindly: the write is a CAS on the version that also refuses already-applied ids.
+        self.cache: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self.cache_size = cache_size
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -103,10 +113,9 @@ class EventProcessor:
             else:
                 outcome.events.append((rec, parsed))
 
-        for _rec, ev in outcome.events:
-            source = _merge_source(ev)
-            if source is not None:
-                await self._link(source, ev.profile_id)
+        await self._link_all(
+            [(src, ev.profile_id) for _rec, ev in outcome.events if (src := _merge_source(ev)) is not None]
+        )
 
         by_target: dict[str, list[Event]] = {}
         for _rec, ev in outcome.events:
@@ -124,19 +133,27 @@ class EventProcessor:
 
     async def _apply(self, by_target: dict[str, list[Event]], outcome: BatchOutcome) -> None:
         pending = dict(by_target)
-        for _attempt in range(MAX_CAS_ATTEMPTS):
+        for _attempt in range(MAX_CAS_ATTEMPTS + MAX_REDIRECTS):
             if not pending:
                 return
-            pending = await self._resolve_redirects(pending)
             t0 = time.perf_counter()
-            loaded = await self.store.load({pid: [e.message_id for e in evs] for pid, evs in pending.items()})
+            loaded = {
+                pid: Loaded(orjson.loads(self.cache[pid][1]), self.cache[pid][0])
+                for pid in pending
+                if pid in self.cache
+            }
+            to_read = {pid: [e.message_id for e in evs] for pid, evs in pending.items() if pid not in loaded}
+            if to_read:
+                loaded.update(await self.store.load(to_read))
             self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
             writes: list[Write] = []
             results: dict[str, tuple[Profile, int, int, list[Effect]]] = {}
+            redirects: dict[str, str] = {}
             for pid, events in pending.items():
                 entry = loaded[pid]
                 if is_tombstone(entry.doc):
-                    continue  # merged concurrently; the redirect pass below re-targets it
+                    redirects[pid] = entry.doc["merged_into"]  # type: ignore[index]  # linked to a user
+                    continue
                 doc = entry.doc if entry.doc is not None else new_profile(pid)
                 applied_ids: list[str] = []
                 effects: list[Effect] = []
@@ -159,11 +176,16 @@ class EventProcessor:
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
             if conflicts:
                 self.metrics.write_conflicts.inc(len(conflicts))
+                for pid in conflicts:
+                    self.cache.pop(pid, None)
+            for w in writes:
+                if w.profile_id not in conflicts:
+                    self._remember(w.profile_id, w.expected_version + 1, w.doc)
             now = self.clock()
             retry: dict[str, list[Event]] = {}
             for pid, events in pending.items():
                 if pid in conflicts or pid not in results:
-                    retry[pid] = events
+                    retry.setdefault(redirects.get(pid, pid), []).extend(events)
                     continue
                 doc, applied, duplicates, effects = results[pid]
                 outcome.applied += applied
@@ -180,18 +202,38 @@ class EventProcessor:
                 f"profiles kept changing under us: {sorted(pending)[:5]}; will retry the batch"
             )
 
-    async def _resolve_redirects(self, pending: dict[str, list[Event]]) -> dict[str, list[Event]]:
-        """Re-target events of ids that were merged into another profile (tombstones)."""
-        for _hop in range(MAX_REDIRECTS):
-            loaded = await self.store.load({pid: [] for pid in pending})
-            moved = {pid: e.doc["merged_into"] for pid, e in loaded.items() if is_tombstone(e.doc)}  # type: ignore[index]
-            if not moved:
-                return pending
-            resolved: dict[str, list[Event]] = {}
-            for pid, events in pending.items():
-                resolved.setdefault(moved.get(pid, pid), []).extend(events)
-            pending = resolved
-        return pending
+    def _remember(self, pid: str, version: int, doc: Profile) -> None:
+        if self.cache_size <= 0:
+            return
+        self.cache[pid] = (version, orjson.dumps(doc))
+        self.cache.move_to_end(pid)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+    async def _link_all(self, pairs: list[tuple[str, str]]) -> None:
+        """Run the batch's identity links; repeated identifies of linked ids cost one read."""
+        unique = list(dict.fromkeys(pairs))
+        if not unique:
+            return
+        for source, target in unique:
+            self.cache.pop(source, None)
+            self.cache.pop(target, None)
+        targets = await self.store.load({t: [] for _s, t in unique})
+        todo = [
+            (s, t)
+            for s, t in unique
+            if targets[t].doc is None or s not in targets[t].doc.get("merged_from", ())  # type: ignore[union-attr]
+        ]
+        if not todo:
+            return
+        limit = asyncio.Semaphore(LINK_CONCURRENCY)
+
+        async def run(source: str, target: str) -> None:
+            async with limit:
+                await self._link(source, target)
+
+        # Links of different users are independent; CAS makes overlapping ones safe to race.
+        await asyncio.gather(*(run(s, t) for s, t in todo))
 
     async def _link(self, source: str, target: str) -> None:
         """Link ``source`` (anonymous or previous id) to ``target``, idempotently, in three CAS steps.
@@ -239,7 +281,7 @@ class EventProcessor:
                 else:
                     doc["merged_from"] = [*doc["merged_from"], source][:MAX_MERGED_IDS]
                     outcome = "linked"
-                if await self.store.save([Write(target, tgt.version, doc, seen)]):
+                if await self.store.save([Write(target, tgt.version, doc, seen, require_unseen=False)]):
                     continue
             if snapshot is not None:
                 await self.store.save([Write(source, tomb_version, {"merged_into": target})])
@@ -254,6 +296,8 @@ class EventProcessor:
             all_ids.append(pid)
             if doc is not None and not is_tombstone(doc):
                 all_ids.extend(doc.get("merged_from", []))
+        for pid in all_ids:
+            self.cache.pop(pid, None)
         if self.on_erase is not None:
             await self.on_erase(all_ids)
         await self.store.erase(all_ids)

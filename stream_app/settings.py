@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     )
     dedup_window_seconds: int = Field(7 * 86_400, ge=60, description="How long a messageId is remembered.")
     profile_ttl_seconds: int = Field(180 * 86_400, ge=60, description="Profiles idle this long expire.")
+    profile_cache_size: int = Field(
+        20_000, ge=0, description="Profiles a worker keeps in memory to skip re-reading them (0: off)."
+    )
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 

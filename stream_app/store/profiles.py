@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from stream_app.profile import Profile
 from stream_app.store.keys import USER_KEY_KINDS, Keys
@@ -46,6 +47,9 @@ class Write:
     expected_version: int
     doc: Profile
     new_message_ids: Sequence[str] = ()
+    #: Refuse the write if any of ``new_message_ids`` was already applied (event writes);
+    #: identity merges copy seen ids and set this False.
+    require_unseen: bool = True
 
 
 class ProfileStore(abc.ABC):
@@ -57,7 +61,12 @@ class ProfileStore(abc.ABC):
 
     @abc.abstractmethod
     async def save(self, writes: Sequence[Write]) -> set[str]:
-        """Apply the writes; return the ids whose version had moved on (nothing written for them)."""
+        """Apply the writes; return the ids refused (nothing written for them).
+
+        A write is refused when the stored version is not ``expected_version`` or, with
+        ``require_unseen``, when one of its messageIds was already applied: the caller
+        re-reads and folds again, so a stale cache or a lost reply never double-applies.
+        """
 
     @abc.abstractmethod
     async def seen_ids(self, profile_id: str) -> list[str]:
@@ -79,16 +88,36 @@ class ProfileStore(abc.ABC):
         """Release connections."""
 
 
-# KEYS: profile hash, seen zset. ARGV: expected version, doc, ttl s, now ms, dedup window ms, ids...
+# KEYS: profile hash, seen zset. ARGV: messageIds. Returns {version, doc, {1|0 per id}}.
+_LOAD_LUA = """
+local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+local flags = {}
+for i = 1, #ARGV, 500 do
+  local chunk = {}
+  for j = i, math.min(i + 499, #ARGV) do chunk[#chunk + 1] = ARGV[j] end
+  local scores = redis.call('ZMSCORE', KEYS[2], unpack(chunk))
+  for j = 1, #scores do flags[#flags + 1] = scores[j] and 1 or 0 end
+end
+return {r[1], r[2], flags}
+"""
+
+# KEYS: profile hash, seen zset.
+# ARGV: expected version, doc, ttl s, now ms, dedup window ms, require-unseen flag, ids...
+# Returns the new version, -1 if the version moved, -2 if an id was already applied.
 _CAS_LUA = """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -1 end
+if ARGV[6] == '1' then
+  for i = 7, #ARGV do
+    if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return -2 end
+  end
+end
 redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local now = tonumber(ARGV[4])
-if #ARGV > 5 then
+if #ARGV > 6 then
   local batch = {}
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     batch[#batch + 1] = now
     batch[#batch + 1] = ARGV[i]
     if #batch >= 200 then redis.call('ZADD', KEYS[2], unpack(batch)); batch = {} end
@@ -109,28 +138,38 @@ class RedisProfileStore(ProfileStore):
         self.keys = keys
         self.ttl_seconds = ttl_seconds
         self.dedup_window_ms = dedup_window_seconds * 1000
-        self._cas = client.register_script(_CAS_LUA)
+        self._scripts = {"load": _LOAD_LUA, "cas": _CAS_LUA}
+        self._sha: dict[str, str] = {}
+
+    async def _run(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        """EVALSHA a list of (script, [key1, key2, *args]) in one pipeline; load scripts once.
+
+        Scripts are loaded on first use and again after a Redis restart (NOSCRIPT), not
+        checked before every pipeline as redis-py's Script objects do (a round trip each).
+        """
+        for attempt in range(2):
+            if not self._sha:
+                for name, body in self._scripts.items():
+                    self._sha[name] = await self.client.script_load(body)
+            pipe = self.client.pipeline(transaction=False)
+            for name, params in calls:
+                pipe.evalsha(self._sha[name], 2, *params)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._sha.clear()
+        raise AssertionError("unreachable")
 
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
         ids = list(requests)
-        pipe = self.client.pipeline(transaction=False)
-        for pid in ids:
-            pipe.hmget(self.keys.profile(pid), ["v", "d"])
-            msg_ids = requests[pid]
-            if msg_ids:
-                pipe.zmscore(self.keys.seen(pid), list(msg_ids))
-        replies = await pipe.execute()
+        replies = await self._run(
+            [("load", [self.keys.profile(pid), self.keys.seen(pid), *requests[pid]]) for pid in ids]
+        )
         out: dict[str, Loaded] = {}
-        pos = 0
-        for pid in ids:
-            version, raw = replies[pos]
-            pos += 1
-            seen: set[str] = set()
-            msg_ids = requests[pid]
-            if msg_ids:
-                scores = replies[pos]
-                pos += 1
-                seen = {m for m, s in zip(msg_ids, scores, strict=True) if s is not None}
+        for pid, (version, raw, flags) in zip(ids, replies, strict=True):
+            seen = {m for m, flag in zip(requests[pid], flags, strict=True) if flag}
             doc = orjson.loads(raw) if raw is not None else None
             out[pid] = Loaded(doc, int(version) if version is not None else 0, seen)
         return out
@@ -139,21 +178,24 @@ class RedisProfileStore(ProfileStore):
         if not writes:
             return set()
         now_ms = int(time.time() * 1000)
-        pipe = self.client.pipeline(transaction=False)
-        for w in writes:
-            await self._cas(
-                keys=[self.keys.profile(w.profile_id), self.keys.seen(w.profile_id)],
-                args=[
+        calls = [
+            (
+                "cas",
+                [
+                    self.keys.profile(w.profile_id),
+                    self.keys.seen(w.profile_id),
                     w.expected_version,
                     orjson.dumps(w.doc),
                     self.ttl_seconds,
                     now_ms,
                     self.dedup_window_ms,
+                    "1" if w.require_unseen else "0",
                     *w.new_message_ids,
                 ],
-                client=pipe,  # type: ignore[arg-type]  # redis-py accepts pipelines here
             )
-        replies = await pipe.execute()
+            for w in writes
+        ]
+        replies = await self._run(calls)
         return {w.profile_id for w, r in zip(writes, replies, strict=True) if int(r) < 0}
 
     async def seen_ids(self, profile_id: str) -> list[str]:
@@ -201,7 +243,10 @@ class InMemoryProfileStore(ProfileStore):
         now_ms = int(time.time() * 1000)
         for w in writes:
             version = self.profiles.get(w.profile_id, (0, b""))[0]
-            if version != w.expected_version:
+            remembered = self.seen.get(w.profile_id, {})
+            if version != w.expected_version or (
+                w.require_unseen and any(m in remembered for m in w.new_message_ids)
+            ):
                 conflicts.add(w.profile_id)
                 continue
             self.profiles[w.profile_id] = (version + 1, orjson.dumps(w.doc))

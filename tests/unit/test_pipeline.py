@@ -46,8 +46,8 @@ def records(*docs: dict[str, Any] | bytes) -> list[Record]:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.store = InMemoryProfileStore()
+    def __init__(self, store: InMemoryProfileStore | None = None, cache_size: int = 0) -> None:
+        self.store = store or InMemoryProfileStore()
         self.durations: list[StepDuration] = []
         self.processor = EventProcessor(
             self.store,
@@ -56,6 +56,7 @@ class Harness:
             Metrics(),
             step_stats=self._stats,
             clock=lambda: (T0 + 3_600_000) / 1000,
+            cache_size=cache_size,
         )
 
     async def _stats(self, durations: list[StepDuration]) -> None:
@@ -226,7 +227,7 @@ async def test_redelivery_and_batching_never_change_the_result(
     ]
     clean = Harness()
     await clean.run(*docs)
-    messy = Harness()
+    messy = Harness(cache_size=rnd.choice([0, 1, 100]))
     stream = docs + [d for d in docs if rnd.random() < 0.5]  # at-least-once: some records come again
     position = 0
     for cut in itertools.cycle(cuts):
@@ -247,3 +248,15 @@ async def test_identify_before_the_anonymous_events_still_links_and_erases_them(
     assert doc is not None and doc["features"] == {"f": 1} and doc["merged_from"] == ["anon"]
     await h.run(track("Data Deletion Requested", "del", at=20))
     assert h.store.profiles == {} and h.store.seen == {}
+
+
+async def test_two_workers_with_stale_caches_never_double_apply() -> None:
+    # a rebalance moves u1 between workers and back: each worker's cache is then stale
+    store = InMemoryProfileStore()
+    a, b = Harness(store, cache_size=10), Harness(store, cache_size=10)
+    await a.run(track("Feature Used", "m1", feature="x"))
+    await b.run(track("Feature Used", "m2", feature="x"))
+    await a.run(track("Feature Used", "m3", feature="x"), track("Feature Used", "m2", feature="x"))
+    await b.run(track("Feature Used", "m1", feature="x"))  # redelivered to b, cached doc is stale
+    doc = await a.doc("u1")
+    assert doc is not None and doc["event_count"] == 3 and doc["features"] == {"x": 3}
