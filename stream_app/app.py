@@ -203,6 +203,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
         broker=brokers,
         broker_credentials=_credentials(settings),
         store="memory://",
+        datadir=str(settings.data_dir / "{appid}"),
         autodiscover=False,
         topic_disable_leader=True,
         topic_allow_declare=False,

@@ -6,6 +6,7 @@ a :class:`~stream_app.errors.ConfigError` that names the environment variable.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -37,6 +38,10 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     kafka_session_timeout_seconds: float = Field(
         6.0, ge=1, le=300, description="Consumer-group session timeout; also how long a join waits."
+    )
+    data_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "stream-app",
+        description="Faust's local data directory (no state of ours lives there; Redis is the store).",
     )
     app_id: str = Field("onboarding-engine", min_length=1, description="Faust app id = consumer group.")
     topic_events: str = "onboarding.events"
