@@ -83,6 +83,7 @@ class Runtime:
         )
         self.dlq_topic: Any = None  # set by the agent module
         self.ready = False
+        self.assigned: set[tuple[str, int]] = set()  # (topic, partition) this worker owns now
 
     async def wait_for_store(self) -> None:
         """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""
@@ -191,19 +192,48 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
+def _set_fetch_max_wait(ms: int) -> None:
+    """Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting for it.
+
+    A broker that holds a fetch until that wait expires (Tansu does) then adds up to 1.5 s
+    to every event's latency. Faust looks the class up on the aiokafka module at call time,
+    so a subclass installed there takes the configured wait. The worker is a process of
+    its own; nothing else in it builds group consumers.
+    """
+    import aiokafka
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    base = aiokafka.AIOKafkaConsumer
+    if getattr(base, "_stream_app_fetch_wait", None) is not None:
+        base._stream_app_fetch_wait = ms
+        return
+
+    class _Consumer(base):  # type: ignore[misc,valid-type]
+        _stream_app_fetch_wait = ms
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("group_id") is not None:
+                kwargs["fetch_max_wait_ms"] = type(self)._stream_app_fetch_wait
+            super().__init__(*args, **kwargs)
+
+    faust_aiokafka.aiokafka.AIOKafkaConsumer = _Consumer
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faust.App, Runtime]:
     """The Faust app with its agents and views registered, and the runtime they share."""
     bootstrap, _ = settings.require_services()
     if settings.pii_hash_salt.get_secret_value() == DEV_PII_SALT:
         log.warning("PII_HASH_SALT is the development default; set your own secret in production")
     runtime = runtime or Runtime(settings)
+    _set_fetch_max_wait(settings.kafka_fetch_max_wait_ms)
+    (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in bootstrap.split(","))
     app = faust.App(
         settings.app_id,
         broker=brokers,
         broker_credentials=_credentials(settings),
         store="memory://",
-        datadir=str(settings.data_dir / "{appid}"),
+        datadir=str(settings.data_dir / settings.app_id),
         autodiscover=False,
         topic_disable_leader=True,
         topic_allow_declare=False,
@@ -229,5 +259,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
     @app.task
     async def _wait_for_store() -> None:
         await runtime.wait_for_store()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode types receivers narrowly
+    async def _assigned(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
+        runtime.assigned = {(tp.topic, tp.partition) for tp in assigned}
+        events = sorted(p for t, p in runtime.assigned if t == runtime.topics["events"].name)
+        log.info("partitions assigned", extra={"events_partitions": events})
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(app: faust.App, revoked: Any, *args: Any, **kwargs: Any) -> None:
+        runtime.assigned -= {(tp.topic, tp.partition) for tp in revoked}
+        log.info("partitions revoked", extra={"revoked": sorted(tp.partition for tp in revoked)})
 
     return app, runtime

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         Path(tempfile.gettempdir()) / "stream-app",
         description="Faust's local data directory (no state of ours lives there; Redis is the store).",
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Longest a fetch waits for data; Faust hard-codes 1500 ms, which is latency.",
+    )
     app_id: str = Field("onboarding-engine", min_length=1, description="Faust app id = consumer group.")
     topic_events: str = "onboarding.events"
     topic_dlq: str = "onboarding.events.dlq"

@@ -37,4 +37,6 @@ def register(app: faust.App, runtime: Runtime) -> None:
             await runtime.store.ping()
         except Exception as exc:
             return self.json({"status": "unavailable", "redis": repr(exc)}, status=503)
-        return self.json({"status": "ok", "ready": runtime.ready})
+        events_topic = runtime.topics["events"].name
+        partitions = sorted(p for t, p in runtime.assigned if t == events_topic)
+        return self.json({"status": "ok", "redis": runtime.ready, "partitions": partitions})

@@ -47,7 +47,10 @@ class WorkerHandle:
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        self.wait_http("/healthz", 60)
+        deadline = time.monotonic() + 90
+        while not orjson.loads(self.wait_http("/healthz", 60)).get("partitions"):
+            assert time.monotonic() < deadline, f"no partitions assigned\n{self.tail()}"
+            time.sleep(0.25)  # the consumer group has not assigned partitions yet
         return self
 
     def wait_http(self, path: str, timeout: float) -> bytes:
