@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -143,11 +144,12 @@ class Runtime:
         m = self.metrics
         m.batch_seconds.observe(seconds)
         m.batch_size.observe(len(records))
-        for _rec, ev in outcome.events:
-            m.events_consumed.labels(ev.type).inc()
-        for _rec, invalid in outcome.dead_letters:
-            m.events_consumed.labels("invalid").inc()
-            m.events_invalid.labels(invalid.reason.value).inc()
+        for kind, count in Counter(ev.type for _rec, ev in outcome.events).items():
+            m.events_consumed.labels(kind).inc(count)
+        if outcome.dead_letters:
+            m.events_consumed.labels("invalid").inc(len(outcome.dead_letters))
+            for reason, count in Counter(inv.reason.value for _rec, inv in outcome.dead_letters).items():
+                m.events_invalid.labels(reason).inc(count)
         m.events_duplicate.inc(outcome.duplicates)
         m.events_applied.inc(outcome.applied)
         m.last_batch_unixtime.set(time.time())

@@ -200,21 +200,32 @@ _DEVICE_TYPES = {
 def _normalize_device(context: dict[str, Any]) -> Device | None:
     device: dict[str, Any] = context.get("device") or {}
     os_info: dict[str, Any] = context.get("os") or {}
-    ua = context.get("userAgent")
+    fields = (
+        context.get("userAgent"),
+        device.get("type"),
+        os_info.get("name"),
+        os_info.get("version"),
+        device.get("model"),
+    )
+    try:
+        return _device_for(*fields)
+    except TypeError:  # an unhashable value where a string belongs: ignore those fields
+        return _device_for(*(f if isinstance(f, str) else None for f in fields))
+
+
+@lru_cache(maxsize=8192)
+def _device_for(ua: Any, dtype: Any, os_name: Any, os_version: Any, model: Any) -> Device | None:
+    """Device from the context fields (cached: a stream repeats a few thousand combinations)."""
     parsed = device_from_user_agent(ua[:1024]) if isinstance(ua, str) and ua else Device()
-    dtype = device.get("type") if isinstance(device.get("type"), str) else None
-    if dtype:
-        dtype = dtype.strip().lower()
-        dtype = _DEVICE_TYPES.get(dtype, dtype)
-    os_name = os_info.get("name") if isinstance(os_info.get("name"), str) else None
-    os_version = os_info.get("version") if isinstance(os_info.get("version"), str) else None
-    model = device.get("model") if isinstance(device.get("model"), str) else None
+    kind = dtype.strip().lower() if isinstance(dtype, str) and dtype.strip() else None
+    if kind:
+        kind = _DEVICE_TYPES.get(kind, kind)
     merged = Device(
-        type=dtype or parsed.type,
-        os=os_name or parsed.os,
-        os_version=os_version or parsed.os_version,
+        type=kind or parsed.type,
+        os=(os_name if isinstance(os_name, str) and os_name else None) or parsed.os,
+        os_version=(os_version if isinstance(os_version, str) and os_version else None) or parsed.os_version,
         browser=parsed.browser,
-        model=model or parsed.model,
+        model=(model if isinstance(model, str) and model else None) or parsed.model,
     )
     return None if merged == Device() else merged
 
