@@ -51,9 +51,13 @@ def profile_rules(settings: Settings) -> ProfileRules:
 
 
 def redis_client(settings: Settings, url: str) -> AnyRedis:
+    # Timeouts turn a hung Redis into an error the batch loop retries, instead of a stall.
+    timeout = settings.redis_timeout_seconds
     if settings.redis_cluster:
-        return aioredis.RedisCluster.from_url(url)
-    return aioredis.Redis.from_url(url, health_check_interval=30)
+        return aioredis.RedisCluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return aioredis.Redis.from_url(
+        url, health_check_interval=30, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
 
 
 class Runtime:

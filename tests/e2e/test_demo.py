@@ -16,7 +16,11 @@ def test_demo_runs_the_whole_engine_and_reports(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_"))}
     result = subprocess.run(
         [sys.executable, "-m", "stream_app", "demo", "--duration", "15", "--users", "150", "--rate", "300"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = next(line for line in result.stdout.splitlines() if line.startswith("summary:"))

@@ -260,3 +260,45 @@ def test_erased_user_is_gone_everywhere(deployment: Deployment, worker_factory: 
     leftovers = [k for k in client.scan_iter(f"{deployment.settings.redis_key_prefix}:*") if b"5-1}" in k]
     assert leftovers == []
     assert worker.get("/profiles/user-5-0")[0] == 200  # others untouched
+
+
+def test_redis_outage_pauses_and_resumes_without_loss_or_double_counting(
+    deployment: Deployment, worker_factory: Any
+) -> None:
+    import os
+    import signal
+
+    from stream_app.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as private_redis:
+        deployment.env["REDIS_URL"] = private_redis.url
+        deployment.env["REDIS_TIMEOUT_SECONDS"] = "1"
+        deployment.settings = deployment.settings.model_copy(update={"redis_url": private_redis.url})
+        events = synthetic_events(users=60, seed=6, start_ms=1_795_000_000_000)
+        expected = expected_profiles(events)
+        worker = worker_factory().start()
+        half = len(events) // 2
+        deployment.send(events[:half])
+        wait_until(lambda: applied_total(worker) >= half, 60, "first half applied", worker.tail)
+        assert private_redis._proc is not None
+        os.kill(private_redis._proc.pid, signal.SIGSTOP)  # Redis hangs: no answers, no errors
+        try:
+            deployment.send(events[half:])
+            wait_until(
+                lambda: worker.metric("onboarding_store_errors_total") >= 2,
+                60,
+                "the worker noticing the outage",
+                worker.tail,
+            )
+            assert worker.proc is not None and worker.proc.poll() is None  # paused, not crashed
+        finally:
+            os.kill(private_redis._proc.pid, signal.SIGCONT)
+        user_ids = [pid for pid in expected if pid.startswith("user-")]
+        wait_until(
+            lambda: applied_total(worker) >= len(events),
+            90,
+            "the rest applied after Redis is back",
+            worker.tail,
+        )
+        assert applied_total(worker) == len(events)
+        assert settled(stored_profiles(deployment, user_ids)) == settled({p: expected[p] for p in user_ids})
