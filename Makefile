@@ -27,7 +27,6 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/clustering.py
 
 clean:
 	rm -rf $(VENV) .stream-app .pytest_cache .mypy_cache .ruff_cache .hypothesis
