@@ -1,0 +1,1 @@
+"""Segments: declarative rule segments (and, later, online clustering)."""
