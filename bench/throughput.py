@@ -129,6 +129,9 @@ def run_worker(env: dict[str, str], n: int) -> dict[str, float]:
         "seconds": elapsed,
         "rate": (n - first[1]) / elapsed,
         "batch_p50_s": histogram_quantile(m, "onboarding_batch_processing_seconds", 0.5) or 0.0,
+        "batch_size_p50": histogram_quantile(m, "onboarding_batch_size_events", 0.5) or 0.0,
+        "batches": total(m, "onboarding_batch_size_events_count"),
+        "busy_s": total(m, "onboarding_batch_processing_seconds_sum"),
         "redis_load_p50_s": histogram_quantile(m, "onboarding_redis_seconds", 0.5) or 0.0,
     }
 
@@ -277,6 +280,9 @@ def main() -> None:
     per_profile = (mem["used_memory"] - before) / max(1, mem["profiles"])
     ratio = full["rate"] / bare["rate"]
     today = time.strftime("%Y-%m-%d")
+    batch_row = (
+        f"{full['batches']:.0f} / {full['batch_size_p50']:.0f} events / {full['batch_p50_s'] * 1000:.0f} ms"
+    )
     text = f"""{SECTION}
 
 Run: `python bench/throughput.py{" --quick" if args.quick else f" --events {n}"}` on {today}.
@@ -288,7 +294,8 @@ Machine: {machine()}.
 | bare Faust agent (`take(2000, within=0.05)`, orjson decode only) | **{bare["rate"]:.0f} events/s** |
 | full worker (validate, dedup, identity, profile CAS write, DLQ) | **{full["rate"]:.0f} events/s** |
 | full / bare | **{ratio:.0%}** (target ≥ 70%) |
-| worker batch processing time p50 | {full["batch_p50_s"] * 1000:.0f} ms |
+| worker batches: count / size p50 / processing time p50 | {batch_row} |
+| time inside batch processing / wall time of the run | {full["busy_s"]:.1f} s / {full["seconds"]:.1f} s |
 | Redis memory per profile (used_memory delta / profiles) | **{per_profile:.0f} bytes** |
 | of which: profile hash (MEMORY USAGE, mean of 200) | {mem["profile_key_bytes"]:.0f} bytes |
 | of which: dedup set of applied messageIds (mean of 200) | {mem["seen_key_bytes"]:.0f} bytes |

@@ -233,7 +233,8 @@ def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
         )
 
     wait_until(all_done, 120, "the rest applied after restart", second.tail)
-    assert second.metric("onboarding_events_applied_total") < len(events)  # it resumed, not restarted
+    # it resumed from committed offsets: it read fewer records than the topic holds
+    assert second.metric("onboarding_events_consumed_total") < len(events)
     assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
 
 
