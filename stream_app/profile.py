@@ -30,7 +30,7 @@ Profile = dict[str, Any]
 #: Bounds that keep one profile's size finite whatever a client sends.
 MAX_EVENT_NAMES = 100
 MAX_FEATURES = 200
-MAX_RECENT_SESSIONS = 50
+MAX_RECENT_SESSIONS = 20  # enough for sessions-per-week; each costs ~14 bytes per write
 MAX_MERGED_IDS = 50
 OTHER = "(other)"
 SESSION_START_MERGE_MS = 60_000
