@@ -22,10 +22,11 @@ from redis.exceptions import RedisError
 from stream_app.contract import ContractRules
 from stream_app.metrics import Metrics
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
-from stream_app.profile import Profile, ProfileRules, is_tombstone, render_profile
+from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
 from stream_app.settings import DEV_PII_SALT, Settings
 from stream_app.store.keys import Keys
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
+from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 from stream_app.topics import TopicSpec, load_topics
 
 log = logging.getLogger("stream_app")
@@ -78,6 +79,11 @@ class Runtime:
                 self.redis, self.keys, settings.profile_ttl_seconds, settings.dedup_window_seconds
             )
         self.store = store
+        self.step_stats: StepStatsStore = (
+            RedisStepStatsStore(self.redis, self.keys, settings.dedup_window_seconds)
+            if self.redis is not None
+            else InMemoryStepStatsStore()
+        )
         self.profile_rules = profile_rules(settings)
         self.processor = EventProcessor(
             store,
@@ -85,10 +91,14 @@ class Runtime:
             self.profile_rules,
             self.metrics,
             cache_size=settings.profile_cache_size,
+            step_stats=self._fold_step_durations,
         )
         self.dlq_topic: Any = None  # set by the agent module
         self.ready = False
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) this worker owns now
+
+    async def _fold_step_durations(self, durations: list[StepDuration]) -> None:
+        await self.step_stats.add(durations)
 
     async def wait_for_store(self) -> None:
         """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""

@@ -234,6 +234,18 @@ def _wrong(path: str, expected: str) -> Invalid:
     return Invalid(Reason.WRONG_TYPE, f"{path} must be {expected}")
 
 
+def _required_str(doc: dict[str, Any], key: str, missing: Reason, what: str) -> str | Invalid:
+    """A non-empty string of at most MAX_ID_LENGTH characters, or why not."""
+    value = doc.get(key)
+    if value is None or value == "":
+        return Invalid(missing, f"{what} (non-empty)")
+    if not isinstance(value, str):
+        return _wrong(key, "a string")
+    if len(value) > MAX_ID_LENGTH:
+        return _wrong(key, f"at most {MAX_ID_LENGTH} characters")
+    return value
+
+
 def _opt_str(doc: dict[str, Any], key: str) -> str | Invalid | None:
     value = doc.get(key)
     if value is None:
@@ -273,13 +285,9 @@ def parse_event(raw: bytes, rules: ContractRules, broker_ts_ms: int | None, now_
 def _parse_object(
     doc: dict[str, Any], rules: ContractRules, broker_ts_ms: int | None, now_ms: int
 ) -> Event | Invalid:
-    message_id = doc.get("messageId")
-    if message_id is None or message_id == "":
-        return Invalid(Reason.MISSING_MESSAGE_ID, "messageId is required and must not be empty")
-    if not isinstance(message_id, str):
-        return _wrong("messageId", "a string")
-    if len(message_id) > MAX_ID_LENGTH:
-        return _wrong("messageId", f"at most {MAX_ID_LENGTH} characters")
+    message_id = _required_str(doc, "messageId", Reason.MISSING_MESSAGE_ID, "messageId is required")
+    if isinstance(message_id, Invalid):
+        return message_id
 
     etype = doc.get("type")
     if not isinstance(etype, str) or etype not in EVENT_TYPES:
@@ -329,13 +337,9 @@ def _parse_object(
 
     name: str | None = None
     if etype == "track":
-        event_name = doc.get("event")
-        if event_name is None or event_name == "":
-            return Invalid(Reason.MISSING_FIELD, "track events need a non-empty event name")
-        if not isinstance(event_name, str):
-            return _wrong("event", "a string")
-        if len(event_name) > MAX_ID_LENGTH:
-            return _wrong("event", f"at most {MAX_ID_LENGTH} characters")
+        event_name = _required_str(doc, "event", Reason.MISSING_FIELD, "track events need an event name")
+        if isinstance(event_name, Invalid):
+            return event_name
         name = event_name
         for prop in REQUIRED_PROPERTIES.get(event_name, ()):
             value = properties.get(prop)

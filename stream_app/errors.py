@@ -19,13 +19,5 @@ class ConfigError(StreamAppError):
         super().__init__(f"invalid setting {setting}: {problem}")
 
 
-class StoreUnavailable(StreamAppError):
-    """Redis did not answer; the worker pauses and retries the same batch."""
-
-
-class ConcurrentUpdate(StreamAppError):
-    """A profile changed between read and write (a rebalance moved the user); re-read."""
-
-
 class EmbeddedServiceError(StreamAppError):
     """An embedded broker or Redis could not be started; the message says which and why."""

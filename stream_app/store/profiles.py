@@ -226,7 +226,6 @@ class InMemoryProfileStore(ProfileStore):
     def __init__(self) -> None:
         self.profiles: dict[str, tuple[int, bytes]] = {}
         self.seen: dict[str, dict[str, int]] = {}
-        self.extra_keys: dict[str, Any] = {}
 
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
         out: dict[str, Loaded] = {}

@@ -124,6 +124,22 @@ def settled(profiles: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def expected_step_counts(expected: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for doc in expected.values():
+        for flow, state in doc.get("onboarding", {}).items():
+            for step, done in state["completed_steps"].items():
+                if done["duration_s"] is not None:
+                    counts[f"{flow}/{step}"] = counts.get(f"{flow}/{step}", 0) + 1
+    return counts
+
+
+def served_step_counts(worker: WorkerHandle) -> dict[str, int]:
+    status, rows = worker.get("/stats/steps")
+    assert status == 200
+    return {f"{r['flow']}/{r['step']}": r["count"] for r in rows}
+
+
 def applied_total(worker: WorkerHandle) -> float:
     return worker.metric("onboarding_events_applied_total")
 
@@ -212,6 +228,7 @@ def test_every_event_twice_gives_the_profiles_of_one_pass(
     assert applied_total(worker) == len(events)
     user_ids = [pid for pid in expected if pid.startswith("user-")]
     assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
+    assert served_step_counts(worker) == expected_step_counts(expected)  # each completion counted once
 
 
 def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
@@ -233,6 +250,12 @@ def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
         )
 
     wait_until(all_done, 120, "the rest applied after restart", second.tail)
+    wait_until(
+        lambda: served_step_counts(second) == expected_step_counts(expected),
+        30,
+        "step statistics to equal one clean pass",
+        second.tail,
+    )
     # it resumed from committed offsets: it read fewer records than the topic holds
     assert second.metric("onboarding_events_consumed_total") < len(events)
     assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
@@ -303,3 +326,4 @@ def test_redis_outage_pauses_and_resumes_without_loss_or_double_counting(
         )
         assert applied_total(worker) == len(events)
         assert settled(stored_profiles(deployment, user_ids)) == settled({p: expected[p] for p in user_ids})
+        assert served_step_counts(worker) == expected_step_counts(expected)

@@ -1,0 +1,163 @@
+"""Per-step completion-time statistics: count, mean and variance (Welford), in Redis.
+
+One hash per (flow, step) ``{prefix}:stepstats:{flow|step}`` holds n, mean and M2;
+the messageIds already folded in live in a sorted set with the same hash tag, so one
+Lua call per step per batch deduplicates and updates atomically (also on Redis
+Cluster). Folding the same completion twice (a redelivery, or a replay after a crash
+between the profile write and this one) changes nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.exceptions import NoScriptError
+
+from stream_app.profile import StepDuration
+from stream_app.store.keys import Keys
+from stream_app.store.profiles import AnyRedis
+
+
+@dataclass(frozen=True)
+class StepStats:
+    flow: str
+    step: str
+    count: int
+    mean_s: float
+    variance_s2: float
+
+    @property
+    def stddev_s(self) -> float:
+        return math.sqrt(self.variance_s2)
+
+
+class StepStatsStore(abc.ABC):
+    @abc.abstractmethod
+    async def add(self, durations: Sequence[StepDuration]) -> int:
+        """Fold durations in, skipping message ids already folded; return how many were new."""
+
+    @abc.abstractmethod
+    async def get(self, flow: str, step: str) -> StepStats | None: ...
+
+    @abc.abstractmethod
+    async def all(self) -> list[StepStats]: ...
+
+
+def _welford(n: int, mean: float, m2: float, x: float) -> tuple[int, float, float]:
+    n += 1
+    delta = x - mean
+    mean += delta / n
+    return n, mean, m2 + delta * (x - mean)
+
+
+def _stats(flow: str, step: str, n: int, mean: float, m2: float) -> StepStats:
+    return StepStats(flow, step, n, mean, m2 / (n - 1) if n > 1 else 0.0)
+
+
+class InMemoryStepStatsStore(StepStatsStore):
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], tuple[int, float, float]] = {}
+        self.applied: set[str] = set()
+
+    async def add(self, durations: Sequence[StepDuration]) -> int:
+        new = 0
+        for d in durations:
+            if d.message_id in self.applied:
+                continue
+            self.applied.add(d.message_id)
+            self.values[(d.flow, d.step)] = _welford(
+                *self.values.get((d.flow, d.step), (0, 0.0, 0.0)), d.duration_s
+            )
+            new += 1
+        return new
+
+    async def get(self, flow: str, step: str) -> StepStats | None:
+        value = self.values.get((flow, step))
+        return _stats(flow, step, *value) if value else None
+
+    async def all(self) -> list[StepStats]:
+        return [_stats(f, s, *v) for (f, s), v in sorted(self.values.items())]
+
+
+# KEYS: stats hash, applied zset. ARGV: now ms, window ms, then (message id, duration) pairs.
+_ADD_LUA = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local mean = tonumber(redis.call('HGET', KEYS[1], 'mean') or '0')
+local m2 = tonumber(redis.call('HGET', KEYS[1], 'm2') or '0')
+local now = tonumber(ARGV[1])
+local added = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i]) == 1 then
+    local x = tonumber(ARGV[i + 1])
+    n = n + 1
+    local delta = x - mean
+    mean = mean + delta / n
+    m2 = m2 + delta * (x - mean)
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('HSET', KEYS[1], 'n', n, 'mean', tostring(mean), 'm2', tostring(m2))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+return added
+"""
+
+
+class RedisStepStatsStore(StepStatsStore):
+    def __init__(self, client: AnyRedis, keys: Keys, dedup_window_seconds: int) -> None:
+        self.client, self.keys = client, keys
+        self.window_ms = dedup_window_seconds * 1000
+        self._sha: str | None = None
+
+    async def add(self, durations: Sequence[StepDuration]) -> int:
+        by_step: dict[tuple[str, str], list[str]] = {}
+        for d in durations:
+            by_step.setdefault((d.flow, d.step), []).extend((d.message_id, repr(d.duration_s)))
+        if not by_step:
+            return 0
+        now_ms = int(time.time() * 1000)
+        for attempt in range(2):
+            if self._sha is None:
+                self._sha = await self.client.script_load(_ADD_LUA)
+            pipe = self.client.pipeline(transaction=False)
+            for (flow, step), pairs in by_step.items():
+                pipe.evalsha(
+                    self._sha,
+                    2,
+                    self.keys.step_stats(flow, step),
+                    self.keys.step_stats_applied(flow, step),
+                    now_ms,
+                    self.window_ms,
+                    *pairs,
+                )
+                pipe.sadd(self.keys.step_stats_index(), f"{flow}|{step}")
+            try:
+                replies = await pipe.execute()
+                return sum(int(r) for r in replies[::2])
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._sha = None
+        return 0
+
+    async def get(self, flow: str, step: str) -> StepStats | None:
+        n, mean, m2 = await self.client.hmget(self.keys.step_stats(flow, step), ["n", "mean", "m2"])
+        if n is None or mean is None or m2 is None:
+            return None
+        return _stats(flow, step, int(n), float(mean), float(m2))
+
+    async def all(self) -> list[StepStats]:
+        members = await self.client.smembers(self.keys.step_stats_index())
+        names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        out = []
+        for name in names:
+            flow, _, step = name.partition("|")
+            stats = await self.get(flow, step)
+            if stats is not None:
+                out.append(stats)
+        return out

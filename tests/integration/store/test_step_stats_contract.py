@@ -1,0 +1,61 @@
+"""Step statistics: the same contract for Redis and memory; Welford equals the textbook formulas."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_app.profile import StepDuration
+from stream_app.store.keys import Keys
+from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StepStatsStore]:
+    if request.param == "memory":
+        yield InMemoryStepStatsStore()
+        return
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield RedisStepStatsStore(client, Keys("st"), dedup_window_seconds=3600)
+    await client.aclose()
+
+
+async def test_mean_and_variance(store: StepStatsStore) -> None:
+    values = [10.0, 20.0, 30.0, 44.5]
+    added = await store.add([StepDuration("signup", "profile", v, f"m{i}") for i, v in enumerate(values)])
+    assert added == 4
+    stats = await store.get("signup", "profile")
+    assert stats is not None and stats.count == 4
+    assert stats.mean_s == pytest.approx(statistics.mean(values))
+    assert stats.variance_s2 == pytest.approx(statistics.variance(values))
+    assert await store.get("signup", "other") is None
+
+
+async def test_the_same_completion_counts_once(store: StepStatsStore) -> None:
+    d = StepDuration("signup", "email", 12.0, "m1")
+    assert await store.add([d, d]) == 1
+    assert await store.add([d]) == 0  # redelivered, or replayed after a crash
+    stats = await store.get("signup", "email")
+    assert stats is not None and stats.count == 1 and stats.mean_s == 12.0
+
+
+async def test_all_lists_every_step(store: StepStatsStore) -> None:
+    await store.add([StepDuration("a", "x", 1.0, "1"), StepDuration("b", "y", 2.0, "2")])
+    assert [(s.flow, s.step) for s in await store.all()] == [("a", "x"), ("b", "y")]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0, 10_000, allow_nan=False), min_size=2, max_size=40))
+async def test_welford_matches_statistics_module(values: list[float]) -> None:
+    mem = InMemoryStepStatsStore()
+    await mem.add([StepDuration("f", "s", v, str(i)) for i, v in enumerate(values)])
+    stats = await mem.get("f", "s")
+    assert stats is not None
+    assert stats.mean_s == pytest.approx(statistics.mean(values), rel=1e-9, abs=1e-9)
+    assert stats.variance_s2 == pytest.approx(statistics.variance(values), rel=1e-6, abs=1e-6)
