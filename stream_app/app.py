@@ -20,9 +20,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from stream_app.contract import ContractRules
+from stream_app.errors import ConfigError
 from stream_app.metrics import Metrics
+from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
+from stream_app.segments.facts import profile_facts
+from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings
 from stream_app.store.keys import Keys
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
@@ -85,6 +89,12 @@ class Runtime:
             else InMemoryStepStatsStore()
         )
         self.profile_rules = profile_rules(settings)
+        try:
+            self.segments = load_segments(
+                settings.segments_file or CONFIG_DIR / "segments.toml", settings.segments_max
+            )
+        except RuleError as exc:
+            raise ConfigError("SEGMENTS_FILE", str(exc)) from exc
         self.processor = EventProcessor(
             store,
             contract_rules(settings),
@@ -177,7 +187,11 @@ class Runtime:
             doc = await self.store.get(doc["merged_into"])  # type: ignore[index]
         if doc is None or is_tombstone(doc):
             return None
-        return render_profile(doc, int(time.time() * 1000), self.profile_rules)
+        now_ms = int(time.time() * 1000)
+        view = render_profile(doc, now_ms, self.profile_rules)
+        # Rule memberships as of now: computed at read time, so time-relative rules are current.
+        view["segments"] = sorted(self.segments.evaluate(profile_facts(doc, now_ms, self.profile_rules)))
+        return view
 
     async def close(self) -> None:
         await self.store.close()

@@ -151,8 +151,14 @@ class EventProcessor:
             redirects: dict[str, str] = {}
             for pid, events in pending.items():
                 entry = loaded[pid]
-                if is_tombstone(entry.doc):
-                    redirects[pid] = entry.doc["merged_into"]  # type: ignore[index]  # linked to a user
+                if is_tombstone(entry.doc):  # linked to a user: its events go there
+                    target = entry.doc["merged_into"]  # type: ignore[index]
+                    if entry.doc.get("snapshot") is not None:  # type: ignore[union-attr]
+                        # A link interrupted by a crash (tombstoned, not yet merged): finish it
+                        # first, or these events would be applied to the user and merged again.
+                        await self._link(pid, target)
+                        self.cache.pop(target, None)
+                    redirects[pid] = target
                     continue
                 doc = entry.doc if entry.doc is not None else new_profile(pid)
                 applied_ids: list[str] = []

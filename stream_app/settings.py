@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 
+    # --- Segments -------------------------------------------------------------------------------
+    segments_file: Path | None = Field(
+        None, description="Rule segments TOML (default: config/segments.toml)."
+    )
+    segments_max: int = Field(20, ge=1, le=200, description="Cap on the number of segments.")
+
     # --- Lifecycle thresholds ----------------------------------------------------------------
     lifecycle_active_min_sessions: int = Field(3, ge=1)
     lifecycle_dormant_after_days: float = Field(30, gt=0)

@@ -154,6 +154,7 @@ def test_profiles_appear_over_http(deployment: Deployment, worker_factory: Any) 
     assert doc["user_id"] == "user-1-0" and doc["merged_from"] == ["anon-1-0"]
     assert doc["lifecycle"] in ("new", "activated", "active", "dormant", "churned")
     assert "email" not in doc["traits"] and "email_sha256" in doc["traits"]
+    assert isinstance(doc["segments"], list)
     status, via_anon = worker.get("/profiles/anon-1-0")
     assert status == 200 and via_anon["user_id"] == "user-1-0"
     assert worker.get("/profiles/nobody")[0] == 404

@@ -13,7 +13,7 @@ from stream_app.contract import ContractRules, iso_ms
 from stream_app.metrics import Metrics
 from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import ProfileRules, StepDuration
-from stream_app.store.profiles import InMemoryProfileStore
+from stream_app.store.profiles import InMemoryProfileStore, Write
 
 T0 = 1_795_000_000_000
 _offsets = itertools.count()
@@ -260,3 +260,21 @@ async def test_two_workers_with_stale_caches_never_double_apply() -> None:
     await b.run(track("Feature Used", "m1", feature="x"))  # redelivered to b, cached doc is stale
     doc = await a.doc("u1")
     assert doc is not None and doc["event_count"] == 3 and doc["features"] == {"x": 3}
+
+
+async def test_a_crash_between_tombstone_and_merge_does_not_double_count_replayed_events() -> None:
+    # worker 1 applied the anonymous events, tombstoned the anonymous profile (step 1 of the link)
+    # and died before merging it into the user; worker 2 then gets the anonymous events again first
+    h = Harness()
+    anon_events = [track("Session Started", "a1", uid=None, anon="anon", at=0),
+                   track("Feature Used", "a2", uid=None, anon="anon", at=1, feature="f")]
+    await h.run(*anon_events)
+    loaded = await h.store.load({"anon": []})
+    snapshot = loaded["anon"].doc
+    tomb = {"merged_into": "u1", "snapshot": snapshot, "snapshot_seen": await h.store.seen_ids("anon")}
+    assert await h.store.save([Write("anon", loaded["anon"].version, tomb)]) == set()
+    await h.run(*anon_events)  # redelivered after the crash, redirected to u1
+    await h.run(ev("identify", "i1", uid="u1", anon="anon", at=2))  # the identify, redelivered too
+    doc = await h.doc("u1")
+    assert doc is not None
+    assert doc["event_count"] == 3 and doc["features"] == {"f": 1} and doc["merged_from"] == ["anon"]
