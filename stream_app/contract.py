@@ -347,13 +347,15 @@ def _parse_object(
                 return Invalid(Reason.MISSING_FIELD, f"{event_name!r} needs properties.{prop}")
             if not isinstance(value, str):
                 return _wrong(f"properties.{prop}", "a string")
-    elif etype == "page":
-        page_name = _opt_str(doc, "name")
-        if isinstance(page_name, Invalid):
-            return page_name
+    elif "event" in doc:  # the schema types `event` on every event, even where the engine ignores it
+        checked_event = _required_str(doc, "event", Reason.WRONG_TYPE, "event must be a string")
+        if isinstance(checked_event, Invalid):
+            return checked_event
+    page_name = _opt_str(doc, "name")
+    if isinstance(page_name, Invalid):
+        return page_name
+    if etype == "page":
         name = page_name
-    elif etype != "identify" and "event" in doc and not isinstance(doc["event"], str):
-        return _wrong("event", "a string")
 
     previous_id: str | None = None
     prev = _opt_str(doc, "previousId")
