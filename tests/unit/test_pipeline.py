@@ -266,8 +266,10 @@ async def test_a_crash_between_tombstone_and_merge_does_not_double_count_replaye
     # worker 1 applied the anonymous events, tombstoned the anonymous profile (step 1 of the link)
     # and died before merging it into the user; worker 2 then gets the anonymous events again first
     h = Harness()
-    anon_events = [track("Session Started", "a1", uid=None, anon="anon", at=0),
-                   track("Feature Used", "a2", uid=None, anon="anon", at=1, feature="f")]
+    anon_events = [
+        track("Session Started", "a1", uid=None, anon="anon", at=0),
+        track("Feature Used", "a2", uid=None, anon="anon", at=1, feature="f"),
+    ]
     await h.run(*anon_events)
     loaded = await h.store.load({"anon": []})
     snapshot = loaded["anon"].doc
