@@ -147,7 +147,7 @@ class EventProcessor:
                 loaded.update(await self.store.load(to_read))
             self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
             writes: list[Write] = []
-            results: dict[str, tuple[Profile, int, int, list[Effect]]] = {}
+            results: dict[str, tuple[Profile, list[int], int, list[Effect]]] = {}
             redirects: dict[str, str] = {}
             for pid, events in pending.items():
                 entry = loaded[pid]
@@ -162,6 +162,7 @@ class EventProcessor:
                     continue
                 doc = entry.doc if entry.doc is not None else new_profile(pid)
                 applied_ids: list[str] = []
+                applied_ts: list[int] = []
                 effects: list[Effect] = []
                 duplicates = 0
                 seen_in_batch: set[str] = set()
@@ -173,10 +174,11 @@ class EventProcessor:
                         continue
                     seen_in_batch.add(ev.message_id)
                     applied_ids.append(ev.message_id)
+                    applied_ts.append(ev.ts_ms)
                     effects.extend(apply_event(doc, ev, self.rules))
                 if applied_ids:
                     writes.append(Write(pid, entry.version, doc, applied_ids))
-                results[pid] = (doc, len(applied_ids), duplicates, effects)
+                results[pid] = (doc, applied_ts, duplicates, effects)
             t0 = time.perf_counter()
             conflicts = await self.store.save(writes)
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
@@ -193,20 +195,18 @@ class EventProcessor:
                 if pid in conflicts or pid not in results:
                     retry.setdefault(redirects.get(pid, pid), []).extend(events)
                     continue
-                doc, applied, duplicates, effects = results[pid]
-                outcome.applied += applied
+                doc, applied_ts, duplicates, effects = results[pid]
+                outcome.applied += len(applied_ts)
                 outcome.duplicates += duplicates
                 outcome.effects.extend(effects)
-                if applied:
+                if applied_ts:
                     outcome.profiles[pid] = doc
                     self.metrics.profiles_written.inc()
-                    for ev in events:
-                        self.metrics.event_latency.observe(max(0.0, now - ev.ts_ms / 1000))
+                    for ts_ms in applied_ts:
+                        self.metrics.event_latency.observe(max(0.0, now - ts_ms / 1000))
             pending = retry
         if pending:
-            raise RuntimeError(
-                f"profiles kept changing under us: {sorted(pending)[:5]}; will retry the batch"
-            )
+            raise RuntimeError(f"{len(pending)} profiles kept changing under us; will retry the batch")
 
     def _remember(self, pid: str, version: int, doc: Profile) -> None:
         if self.cache_size <= 0:
