@@ -139,7 +139,7 @@ class Demo:
         )
         from confluent_kafka import Producer
 
-        self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5, "log_level": 4})
 
     def check_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is not None:
