@@ -130,7 +130,11 @@ class Runtime:
         delay = 0.1
         while True:
             try:
-                outcome = await self.processor.process(records)
+                # A hung call (a frozen Redis can leave one waiting past its socket timeout)
+                # must not stall the partition forever: cancel the attempt and run it again.
+                outcome = await asyncio.wait_for(
+                    self.processor.process(records), self.settings.batch_attempt_timeout_seconds
+                )
                 await self.publish_dead_letters(outcome)
                 break
             except (RedisError, OSError, RuntimeError) as exc:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="Talk the Redis Cluster protocol to REDIS_URL.")
     redis_key_prefix: str = Field("oe", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     redis_timeout_seconds: float = Field(5.0, gt=0, description="Socket timeout of Redis calls.")
+    batch_attempt_timeout_seconds: float = Field(
+        30.0, gt=0, description="A batch attempt taking longer is cancelled and retried (idempotent)."
+    )
     redis_retry_max_seconds: float = Field(10.0, gt=0, description="Cap of the retry back-off on outages.")
 
     # --- Web -----------------------------------------------------------------------------

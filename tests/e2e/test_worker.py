@@ -298,6 +298,7 @@ def test_redis_outage_pauses_and_resumes_without_loss_or_double_counting(
     with EmbeddedRedis() as private_redis:
         deployment.env["REDIS_URL"] = private_redis.url
         deployment.env["REDIS_TIMEOUT_SECONDS"] = "1"
+        deployment.env["BATCH_ATTEMPT_TIMEOUT_SECONDS"] = "5"
         deployment.settings = deployment.settings.model_copy(update={"redis_url": private_redis.url})
         events = synthetic_events(users=60, seed=6, start_ms=1_795_000_000_000)
         expected = expected_profiles(events)
