@@ -13,10 +13,11 @@ machine's default ports.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis.asyncio as aioredis
 
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 
@@ -78,3 +79,12 @@ def redis_url(services: Services) -> str:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(services: Services) -> str:
     return services.kafka_bootstrap
+
+
+@pytest.fixture
+async def fresh_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client on the test Redis, emptied first (store contract suites)."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()

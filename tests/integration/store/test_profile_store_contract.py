@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
 
@@ -13,14 +11,10 @@ from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisP
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[ProfileStore]:
+def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> ProfileStore:
     if request.param == "memory":
-        yield InMemoryProfileStore()
-        return
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    yield RedisProfileStore(client, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
-    await client.aclose()
+        return InMemoryProfileStore()
+    return RedisProfileStore(fresh_redis, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
 
 
 async def test_unknown_profile_loads_as_version_zero(store: ProfileStore) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,14 +15,10 @@ from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsSt
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StepStatsStore]:
+def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> StepStatsStore:
     if request.param == "memory":
-        yield InMemoryStepStatsStore()
-        return
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    yield RedisStepStatsStore(client, Keys("st"), dedup_window_seconds=3600)
-    await client.aclose()
+        return InMemoryStepStatsStore()
+    return RedisStepStatsStore(fresh_redis, Keys("st"), dedup_window_seconds=3600)
 
 
 async def test_mean_and_variance(store: StepStatsStore) -> None:
