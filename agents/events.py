@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from stream_app.pipeline import Record
+from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS
 
 if TYPE_CHECKING:
     import faust
@@ -38,6 +39,10 @@ def register(app: faust.App, runtime: Runtime) -> None:
     settings = runtime.settings
     events_topic = app.topic(runtime.topics["events"].name, key_serializer="raw", value_serializer="raw")
     runtime.dlq_topic = app.topic(runtime.topics["dlq"].name, key_serializer="raw", value_serializer="raw")
+    runtime.out_topics = {
+        kind: app.topic(runtime.topics[spec].name, key_serializer="raw", value_serializer="raw")
+        for kind, spec in ((SEGMENTS, "segments"), (TRIGGERS, "triggers"), (HOLDOUT, "triggers_holdout"))
+    }
 
     @app.agent(events_topic, concurrency=1, name="profiles")
     async def update_profiles(stream: Any) -> None:

@@ -16,22 +16,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from stream_app.contract import ContractRules
+from stream_app.contract import ContractRules, iso_ms
 from stream_app.errors import ConfigError
 from stream_app.metrics import Metrics
 from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
+from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings
+from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
 from stream_app.store.keys import Keys
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 from stream_app.topics import TopicSpec, load_topics
+from stream_app.triggers.config import TriggerConfig, TriggerConfigError, load_triggers
+from stream_app.triggers.decide import StepBaseline
 
 log = logging.getLogger("stream_app")
 
@@ -53,6 +58,20 @@ def profile_rules(settings: Settings) -> ProfileRules:
         dormant_after_ms=int(settings.lifecycle_dormant_after_days * DAY_MS),
         churned_after_ms=int(settings.lifecycle_churned_after_days * DAY_MS),
     )
+
+
+def trigger_config(settings: Settings) -> TriggerConfig:
+    overrides = {
+        "multiplier": settings.stall_multiplier,
+        "min_samples": settings.stall_min_samples,
+        "default_mean": settings.stall_default_mean_seconds,
+        "min_threshold": settings.stall_min_threshold_seconds,
+        "max_threshold": settings.stall_max_threshold_seconds,
+    }
+    try:
+        return load_triggers(settings.triggers_file or CONFIG_DIR / "triggers.toml", overrides)
+    except TriggerConfigError as exc:
+        raise ConfigError("TRIGGERS_FILE", str(exc)) from exc
 
 
 def redis_client(settings: Settings, url: str) -> AnyRedis:
@@ -89,6 +108,13 @@ class Runtime:
             else InMemoryStepStatsStore()
         )
         self.profile_rules = profile_rules(settings)
+        events_topic = self.topics["events"].name
+        self.deadlines: DeadlineStore = (
+            RedisDeadlineStore(self.redis, self.keys, events_topic)
+            if self.redis is not None
+            else InMemoryDeadlineStore()
+        )
+        self.trigger_config = trigger_config(settings)
         try:
             self.segments = load_segments(
                 settings.segments_file or CONFIG_DIR / "segments.toml", settings.segments_max
@@ -102,13 +128,38 @@ class Runtime:
             self.metrics,
             cache_size=settings.profile_cache_size,
             step_stats=self._fold_step_durations,
+            on_erase=self._forget_deadlines,
+            reactions=self.reaction_context,
         )
+        self.baselines: dict[tuple[str, str, str], StepBaseline] = {}
+        self.baselines_read_at = 0.0
+        # One batch or one timer pass at a time: both write profiles and the deadline index.
+        self.lock = asyncio.Lock()
+        self.next_offsets: dict[int, int] = {}  # events partition -> next offset to process
+        #: partition -> True when this worker has read everything in it (set by create_app)
+        self.caught_up: Any = None
         self.dlq_topic: Any = None  # set by the agent module
+        self.out_topics: dict[str, Any] = {}  # segments / triggers / holdout, set by the agent module
         self.ready = False
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) this worker owns now
 
     async def _fold_step_durations(self, durations: list[StepDuration]) -> None:
         await self.step_stats.add(durations)
+
+    def reaction_context(self) -> ReactionContext:
+        return ReactionContext(self.segments, self.trigger_config, self.profile_rules, self.baselines)
+
+    async def refresh_baselines(self, force: bool = False) -> None:
+        """Re-read step statistics (stall thresholds) at most every BASELINE_REFRESH_SECONDS."""
+        if not force and time.monotonic() - self.baselines_read_at < self.settings.baseline_refresh_seconds:
+            return
+        self.baselines = {
+            (s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in await self.step_stats.all()
+        }
+        self.baselines_read_at = time.monotonic()
+
+    async def _forget_deadlines(self, profile_ids: list[str]) -> None:
+        await self.deadlines.remove_users(profile_ids, range(self.topics["events"].partitions))
 
     async def wait_for_store(self) -> None:
         """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""
@@ -132,10 +183,10 @@ class Runtime:
             try:
                 # A hung call (a frozen Redis can leave one waiting past its socket timeout)
                 # must not stall the partition forever: cancel the attempt and run it again.
-                outcome = await asyncio.wait_for(
-                    self.processor.process(records), self.settings.batch_attempt_timeout_seconds
-                )
-                await self.publish_dead_letters(outcome)
+                async with self.lock:
+                    outcome = await asyncio.wait_for(
+                        self._process_and_publish(records), self.settings.batch_attempt_timeout_seconds
+                    )
                 break
             except (RedisError, OSError, RuntimeError) as exc:
                 self.metrics.store_errors.labels(type(exc).__name__).inc()
@@ -147,6 +198,96 @@ class Runtime:
                 delay = min(delay * 2, self.settings.redis_retry_max_seconds)
         self._count(records, outcome, time.perf_counter() - started)
         return outcome
+
+    async def _process_and_publish(self, records: list[Record]) -> BatchOutcome:
+        await self.refresh_baselines()
+        outcome = await self.processor.process(records)
+        await self.publish_dead_letters(outcome)
+        await self.publish_outbox(outcome)
+        for partition, entries in outcome.deadlines.items():
+            await self.deadlines.schedule(partition, entries)
+        wall_ms = int(time.time() * 1000)
+        latest: dict[int, int] = {}
+        for rec, ev in outcome.events:
+            latest[rec.partition] = max(latest.get(rec.partition, ev.ts_ms), ev.ts_ms)
+        for partition, ts_ms in latest.items():
+            await self.deadlines.advance_watermark(partition, ts_ms, wall_ms)
+        for rec in records:
+            self.next_offsets[rec.partition] = max(self.next_offsets.get(rec.partition, 0), rec.offset + 1)
+        return outcome
+
+    async def publish_outbox(self, outcome: BatchOutcome) -> None:
+        """Segment changes and triggers, delivered before the batch (or timer pass) is acked."""
+        futures = []
+        for message in outcome.outbox:
+            topic = self.out_topics.get(message["to"])
+            if topic is None:
+                continue
+            value = message["value"]
+            futures.append(await topic.send(key=value["user_id"].encode(), value=orjson.dumps(value)))
+        await asyncio.gather(*futures)
+        self.processor.mark_published(outcome.outbox_keys)
+        m = self.metrics
+        now = time.time()
+        for message in outcome.outbox:
+            value = message["value"]
+            if message["to"] == SEGMENTS:
+                m.segment_changes.labels(value["source"], value["change"]).inc()
+            elif message["to"] == TRIGGERS:
+                m.triggers_emitted.labels(value["type"]).inc()
+            if message["to"] in (TRIGGERS, HOLDOUT) and value["type"] in (
+                "stalled_step",
+                "onboarding_abandoned",
+            ):
+                due = datetime.fromisoformat(value["due_at"]).timestamp()
+                m.timer_lag.observe(max(0.0, now - due))
+        for type_, reason in outcome.suppressed:
+            m.triggers_suppressed.labels(type_, reason).inc()
+        m.cluster_reassignments.inc(outcome.cluster_moves)
+
+    async def watermark_ms(self, partition: int) -> int | None:
+        """Event-time watermark of a partition (README "Time semantics").
+
+        The greatest event time read from it, minus the allowed lateness; while the worker
+        has read everything in the partition, plus the wall-clock time since that event was
+        read, so an idle partition's deadlines still come due. While a backlog is being
+        read it advances only with the events, so completions still unread in the backlog
+        cannot be missed by a stall that fires too early.
+        """
+        mark = await self.deadlines.watermark(partition)
+        if mark is None:
+            return None
+        event_ms, seen_wall_ms = mark
+        wm = event_ms - self.trigger_config.allowed_lateness_ms
+        if self.caught_up is not None and await self.caught_up(partition):
+            wm += max(0, int(time.time() * 1000) - seen_wall_ms)
+        return wm
+
+    async def fire_due(self, limit: int = 500) -> int:
+        """One timer pass over this worker's partitions; returns how many deadlines it looked at."""
+        events_topic = self.topics["events"].name
+        owned = sorted(p for t, p in self.assigned if t == events_topic)
+        looked = 0
+        pending = 0
+        worst_lag = 0.0
+        for partition in owned:
+            wm = await self.watermark_ms(partition)
+            if wm is None:
+                continue
+            worst_lag = max(worst_lag, time.time() - wm / 1000)
+            async with self.lock:
+                due = await self.deadlines.due(partition, wm, limit)
+                if due:
+                    await self.refresh_baselines()
+                    outcome = await self.processor.fire(partition, due, wm)
+                    await self.publish_outbox(outcome)
+                    await self.deadlines.settle(partition, outcome.settled)
+                    looked += len(due)
+            pending += await self.deadlines.pending(partition)
+        self.metrics.deadlines_fired.inc(looked)
+        self.metrics.deadlines_pending.set(pending)
+        self.metrics.watermark_lag.set(worst_lag)
+        return looked
 
     async def publish_dead_letters(self, outcome: BatchOutcome) -> None:
         if not outcome.dead_letters or self.dlq_topic is None:
@@ -194,7 +335,22 @@ class Runtime:
         now_ms = int(time.time() * 1000)
         view = render_profile(doc, now_ms, self.profile_rules)
         # Rule memberships as of now: computed at read time, so time-relative rules are current.
-        view["segments"] = sorted(self.segments.evaluate(profile_facts(doc, now_ms, self.profile_rules)))
+        engine = view.pop("engine", None) or {}
+        refused = doc.get("consent", {}).get("personalization") is False
+        facts = profile_facts(doc, now_ms, self.profile_rules)
+        view["segments"] = [] if refused else sorted(self.segments.evaluate(facts))
+        cluster = engine.get("cluster")
+        view["cluster"] = {"id": cluster["id"], "name": cluster["name"]} if cluster else None
+        view["triggers"] = [
+            {
+                "trigger_id": f["trigger_id"],
+                "type": f["type"],
+                "subject": f["subject"],
+                "group": f["group"],
+                "at": iso_ms(f["at"]),
+            }
+            for f in engine.get("fired", [])
+        ]
         return view
 
     async def close(self) -> None:
@@ -293,6 +449,33 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
     @app.task
     async def _wait_for_store() -> None:
         await runtime.wait_for_store()
+
+    async def caught_up(partition: int) -> bool:
+        tp = faust.types.TP(runtime.topics["events"].name, partition)
+        try:
+            highwater = app.consumer.highwater(tp)
+        except Exception:  # not fetched yet / not assigned: not known to be caught up
+            return False
+        if highwater is None:
+            return False
+        position = runtime.next_offsets.get(partition)
+        if position is None:
+            position = await app.consumer.position(tp)
+        return position is not None and position >= highwater
+
+    runtime.caught_up = caught_up
+
+    @app.timer(interval=settings.timer_interval_seconds)
+    async def _fire_deadlines() -> None:
+        if not runtime.ready or app.rebalancing:
+            return
+        try:
+            await asyncio.wait_for(runtime.fire_due(), settings.batch_attempt_timeout_seconds)
+        except (RedisError, OSError, RuntimeError, TimeoutError) as exc:
+            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            log.warning(
+                "timer pass failed; due deadlines stay and are retried", extra={"error": repr(exc)[:300]}
+            )
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode types receivers narrowly
     async def _assigned(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:

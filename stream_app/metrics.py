@@ -119,3 +119,58 @@ class Metrics:
         self.last_batch_unixtime = Gauge(
             "onboarding_last_batch_timestamp_seconds", "Unix time the last batch finished.", registry=r
         )
+        # --- segments and clusters ---------------------------------------------------------
+        self.segment_changes = Counter(
+            "onboarding_segment_changes_total",
+            "Membership changes published to onboarding.segments.",
+            ["source", "change"],
+            registry=r,
+        )
+        self.segment_members = Gauge(
+            "onboarding_segment_members",
+            "Users currently in each segment (rule segments and clusters; cluster-wide count kept in Redis).",
+            ["source", "segment"],
+            registry=r,
+        )
+        self.cluster_reassignments = Counter(
+            "onboarding_cluster_reassignments_total",
+            "Users moved from one cluster to another (cluster churn; first assignments excluded).",
+            registry=r,
+        )
+        self.cluster_model_version = Gauge(
+            "onboarding_cluster_model_version",
+            "Version of the shared cluster model snapshot in use.",
+            registry=r,
+        )
+        # --- triggers ------------------------------------------------------------------------------
+        self.triggers_emitted = Counter(
+            "onboarding_triggers_emitted_total",
+            "Triggers published to onboarding.triggers (delivered group).",
+            ["type"],
+            registry=r,
+        )
+        self.triggers_suppressed = Counter(
+            "onboarding_triggers_suppressed_total",
+            "Would-be triggers not delivered, by reason (holdout ones go to onboarding.triggers.holdout).",
+            ["type", "reason"],
+            registry=r,
+        )
+        self.timer_lag = Histogram(
+            "onboarding_timer_lag_seconds",
+            "Deadline-driven triggers: publish time minus the deadline (event time).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadlines_pending = Gauge(
+            "onboarding_deadlines_pending",
+            "Users with a scheduled deadline in this worker's partitions.",
+            registry=r,
+        )
+        self.deadlines_fired = Counter(
+            "onboarding_deadlines_fired_total", "Due deadlines looked at by the timer.", registry=r
+        )
+        self.watermark_lag = Gauge(
+            "onboarding_watermark_lag_seconds",
+            "Wall clock minus the event-time watermark, worst owned partition.",
+            registry=r,
+        )

@@ -9,8 +9,14 @@ is as if it had run once:
 3. read the touched profiles and which of the batch's messageIds each has applied;
 4. fold the new events in (pure :func:`stream_app.profile.apply_event`), write each
    profile with compare-and-set, re-reading those whose version moved;
+   and, in the same write, what the change causes (:func:`stream_app.reactions.react`:
+   segment changes and triggers in the profile's outbox, the next deadline);
 5. fold step durations into the per-step statistics (deduplicated by messageId);
 6. erase users who asked for it.
+
+:meth:`EventProcessor.fire` is the timer's counterpart of step 4 for users whose
+deadline came due. The caller publishes ``outcome.outbox`` and schedules
+``outcome.deadlines`` before it acks.
 
 The agent acks the batch only after this returns and the dead letters are published.
 This module never talks to Kafka.
@@ -24,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -42,6 +49,7 @@ from stream_app.profile import (
     new_profile,
     replayed_effects,
 )
+from stream_app.reactions import Reaction, ReactionContext, outbox_key, react
 from stream_app.store.profiles import Loaded, ProfileStore, Write
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_CAS_ATTEMPTS = 8
 MAX_REDIRECTS = 4
 LINK_CONCURRENCY = 32
+PUBLISHED_MEMORY = 50_000
 
 StepStatsSink = Callable[[list[StepDuration]], Awaitable[None]]
 EraseHook = Callable[[list[str]], Awaitable[None]]
@@ -75,6 +84,12 @@ class BatchOutcome:
     profiles: dict[str, Profile] = field(default_factory=dict)  # final documents written
     effects: list[Effect] = field(default_factory=list)
     erased: list[str] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # to publish before acking
+    outbox_keys: list[str] = field(default_factory=list)  # mark published once published
+    deadlines: dict[int, dict[str, int | None]] = field(default_factory=dict)  # partition -> user -> ms
+    settled: list[tuple[str, int, int | None]] = field(default_factory=list)  # timer: (user, read, next)
+    suppressed: list[tuple[str, str]] = field(default_factory=list)
+    cluster_moves: int = 0
 
 
 class EventProcessor:
@@ -90,6 +105,7 @@ class EventProcessor:
         on_erase: EraseHook | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 0,
+        reactions: Callable[[], ReactionContext] | None = None,
     ) -> None:
         self.store = store
         self.contract = contract
@@ -102,6 +118,10 @@ class EventProcessor:
         # blindly: the write is a CAS on the version that also refuses already-applied ids.
         self.cache: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self.cache_size = cache_size
+        self.reactions = reactions
+        # Outboxes this process has published (by outbox_key): a loaded document whose outbox
+        # is not known here (a restart, another worker) is re-published before it is replaced.
+        self.published: OrderedDict[str, None] = OrderedDict()
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -118,9 +138,11 @@ class EventProcessor:
         )
 
         by_target: dict[str, list[Event]] = {}
-        for _rec, ev in outcome.events:
+        partitions: dict[str, int] = {}
+        for rec, ev in outcome.events:
             by_target.setdefault(ev.profile_id, []).append(ev)
-        await self._apply(by_target, outcome)
+            partitions[ev.profile_id] = rec.partition
+        await self._apply(by_target, outcome, partitions)
 
         durations = [e for e in outcome.effects if isinstance(e, StepDuration)]
         if durations and self.step_stats is not None:
@@ -131,7 +153,83 @@ class EventProcessor:
             await self._erase(to_erase, outcome)
         return outcome
 
-    async def _apply(self, by_target: dict[str, list[Event]], outcome: BatchOutcome) -> None:
+    def mark_published(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.published[key] = None
+            self.published.move_to_end(key)
+        while len(self.published) > PUBLISHED_MEMORY:
+            self.published.popitem(last=False)
+
+    def _prior_outbox(self, doc: Profile, outcome: BatchOutcome) -> None:
+        """Queue a stored outbox this process has not published (a crash may have cut it off)."""
+        key = outbox_key(doc)
+        if key is not None and key not in self.published:
+            outcome.outbox.extend(doc["engine"]["outbox"])
+            outcome.outbox_keys.append(key)
+
+    def _react(self, doc: Profile, pid: str, now_ms: int) -> Reaction | None:
+        if self.reactions is None:
+            return None
+        return react(doc, pid, now_ms, self.reactions())
+
+    def _settle_reaction(
+        self, pid: str, doc: Profile, reaction: Reaction | None, outcome: BatchOutcome
+    ) -> None:
+        if reaction is None:
+            return
+        outcome.outbox.extend(reaction.outbox)
+        key = outbox_key(doc)
+        if key is not None and reaction.outbox:
+            outcome.outbox_keys.append(key)
+        outcome.suppressed.extend(reaction.suppressed)
+        for m in reaction.outbox:
+            value = m["value"]
+            if value.get("source") == "cluster" and value.get("change") == "exited":
+                outcome.cluster_moves += 1
+
+    async def fire(self, partition: int, due: Sequence[tuple[str, int]], now_ms: int) -> BatchOutcome:
+        """The timer: react to the passage of time for users whose deadline (score) is due.
+
+        Users without a profile (erased), linked into another id, or now indexed under
+        another partition are dropped from this partition's index. A write conflict leaves
+        the deadline in place, so the next tick looks again.
+        """
+        outcome = BatchOutcome()
+        loaded = await self.store.load({user: [] for user, _score in due})
+        writes: list[Write] = []
+        reactions: dict[str, tuple[int, Reaction | None]] = {}
+        for user, score in due:
+            entry = loaded[user]
+            doc = entry.doc
+            if (
+                doc is None
+                or is_tombstone(doc)
+                or (doc.get("engine") or {}).get("partition", partition) != partition
+            ):
+                outcome.settled.append((user, score, None))
+                continue
+            self._prior_outbox(doc, outcome)
+            reaction = self._react(doc, user, now_ms)
+            reactions[user] = (score, reaction)
+            if reaction is not None and reaction.changed:
+                writes.append(Write(user, entry.version, doc, (), require_unseen=False))
+        conflicts = await self.store.save(writes) if writes else set()
+        written = {w.profile_id: w for w in writes}
+        for user, (score, reaction) in reactions.items():
+            if user in conflicts:
+                self.cache.pop(user, None)
+                continue
+            doc = loaded[user].doc
+            assert doc is not None
+            if user in written:
+                self._remember(user, written[user].expected_version + 1, doc)
+                self._settle_reaction(user, doc, reaction, outcome)
+            outcome.settled.append((user, score, reaction.deadline_ms if reaction else None))
+        return outcome
+
+    async def _apply(
+        self, by_target: dict[str, list[Event]], outcome: BatchOutcome, partitions: dict[str, int]
+    ) -> None:
         pending = dict(by_target)
         for _attempt in range(MAX_CAS_ATTEMPTS + MAX_REDIRECTS):
             if not pending:
@@ -147,7 +245,8 @@ class EventProcessor:
                 loaded.update(await self.store.load(to_read))
             self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
             writes: list[Write] = []
-            results: dict[str, tuple[Profile, list[int], int, list[Effect]]] = {}
+            results: dict[str, tuple[Profile, list[int], int, list[Effect], Reaction | None, int | None]] = {}
+            priors: dict[str, BatchOutcome] = {}
             redirects: dict[str, str] = {}
             for pid, events in pending.items():
                 entry = loaded[pid]
@@ -159,6 +258,8 @@ class EventProcessor:
                         await self._link(pid, target)
                         self.cache.pop(target, None)
                     redirects[pid] = target
+                    if pid in partitions:
+                        partitions.setdefault(target, partitions[pid])
                     continue
                 doc = entry.doc if entry.doc is not None else new_profile(pid)
                 applied_ids: list[str] = []
@@ -176,9 +277,18 @@ class EventProcessor:
                     applied_ids.append(ev.message_id)
                     applied_ts.append(ev.ts_ms)
                     effects.extend(apply_event(doc, ev, self.rules))
-                if applied_ids:
+                prior = priors[pid] = BatchOutcome()
+                self._prior_outbox(doc, prior)
+                old_partition = (doc.get("engine") or {}).get("partition")
+                now_ms = (
+                    max(applied_ts) if applied_ts else (doc.get("last_seen_ms") or int(self.clock() * 1000))
+                )
+                reaction = self._react(doc, pid, now_ms) if entry.doc is not None or applied_ids else None
+                if reaction is not None and pid in partitions:
+                    doc["engine"]["partition"] = partitions[pid]
+                if applied_ids or (reaction is not None and reaction.changed):
                     writes.append(Write(pid, entry.version, doc, applied_ids))
-                results[pid] = (doc, applied_ts, duplicates, effects)
+                results[pid] = (doc, applied_ts, duplicates, effects, reaction, old_partition)
             t0 = time.perf_counter()
             conflicts = await self.store.save(writes)
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
@@ -190,15 +300,25 @@ class EventProcessor:
                 if w.profile_id not in conflicts:
                     self._remember(w.profile_id, w.expected_version + 1, w.doc)
             now = self.clock()
+            written_ids = {w.profile_id for w in writes}
             retry: dict[str, list[Event]] = {}
             for pid, events in pending.items():
                 if pid in conflicts or pid not in results:
                     retry.setdefault(redirects.get(pid, pid), []).extend(events)
                     continue
-                doc, applied_ts, duplicates, effects = results[pid]
+                doc, applied_ts, duplicates, effects, reaction, old_partition = results[pid]
                 outcome.applied += len(applied_ts)
                 outcome.duplicates += duplicates
-                outcome.effects.extend(effects)
+                outcome.effects.extend(_with_groups(effects, doc))
+                outcome.outbox.extend(priors[pid].outbox)
+                outcome.outbox_keys.extend(priors[pid].outbox_keys)
+                if pid in written_ids:
+                    self._settle_reaction(pid, doc, reaction, outcome)
+                if reaction is not None and pid in partitions:
+                    part = partitions[pid]
+                    outcome.deadlines.setdefault(part, {})[pid] = reaction.deadline_ms
+                    if old_partition is not None and old_partition != part:
+                        outcome.deadlines.setdefault(old_partition, {})[pid] = None
                 if applied_ts:
                     outcome.profiles[pid] = doc
                     self.metrics.profiles_written.inc()
@@ -304,6 +424,11 @@ class EventProcessor:
                 all_ids.extend(doc.get("merged_from", []))
         for pid in all_ids:
             self.cache.pop(pid, None)
+        gone = set(all_ids)
+        outcome.outbox = [m for m in outcome.outbox if m["value"].get("user_id") not in gone]
+        for entries in outcome.deadlines.values():
+            for pid in gone & set(entries):
+                del entries[pid]
         if self.on_erase is not None:
             await self.on_erase(all_ids)
         await self.store.erase(all_ids)
@@ -318,3 +443,16 @@ def _merge_source(ev: Event) -> str | None:
     if ev.type == "identify" and ev.user_id and ev.anonymous_id and ev.anonymous_id != ev.user_id:
         return ev.anonymous_id
     return None
+
+
+def _with_groups(effects: list[Effect], doc: Profile) -> list[Effect]:
+    """Step durations also count for the user's cluster, so stalls can use its own baseline."""
+    cluster = (doc.get("engine") or {}).get("cluster")
+    if not cluster:
+        return effects
+    extra = [
+        StepDuration(e.flow, e.step, e.duration_s, e.message_id, f"cluster:{cluster['id']}")
+        for e in effects
+        if isinstance(e, StepDuration) and not e.group
+    ]
+    return [*effects, *extra]

@@ -56,6 +56,7 @@ class StepDuration:
     step: str
     duration_s: float
     message_id: str
+    group: str = ""  # "" for all users; "cluster:<id>" for the user's cluster at completion
 
 
 @dataclass(frozen=True, slots=True)

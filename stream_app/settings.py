@@ -98,6 +98,28 @@ class Settings(BaseSettings):
     lifecycle_dormant_after_days: float = Field(30, gt=0)
     lifecycle_churned_after_days: float = Field(90, gt=0)
 
+    # --- Triggers ------------------------------------------------------------------------------
+    triggers_file: Path | None = Field(
+        None, description="Trigger types, actions, cooldowns, holdout (default: config/triggers.toml)."
+    )
+    stall_multiplier: float | None = Field(
+        None, ge=1, description="Stalled after this x the step's mean completion time (file default 2)."
+    )
+    stall_min_samples: int | None = Field(
+        None, ge=1, description="Completions a step needs before its own mean is used."
+    )
+    stall_default_mean_seconds: float | None = Field(
+        None, gt=0, description="Mean assumed for steps with too few samples."
+    )
+    stall_min_threshold_seconds: float | None = Field(None, ge=0, description="Lower clamp of the threshold.")
+    stall_max_threshold_seconds: float | None = Field(None, gt=0, description="Upper clamp of the threshold.")
+    timer_interval_seconds: float = Field(
+        0.25, gt=0, le=60, description="How often the worker looks for due deadlines."
+    )
+    baseline_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often step statistics are re-read for stall thresholds."
+    )
+
     # --- Logging ------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -28,7 +28,14 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.page("/stats/steps")
     async def step_stats(self: Any, request: Any) -> Any:
         rows = [
-            {"flow": s.flow, "step": s.step, "count": s.count, "mean_s": s.mean_s, "stddev_s": s.stddev_s}
+            {
+                "flow": s.flow,
+                "step": s.step,
+                "group": s.group or "all",
+                "count": s.count,
+                "mean_s": s.mean_s,
+                "stddev_s": s.stddev_s,
+            }
             for s in await runtime.step_stats.all()
         ]
         return self.bytes(orjson.dumps(rows), content_type="application/json")

@@ -22,6 +22,10 @@ def hash_tag(ident: str) -> str:
     return ident
 
 
+def _step_tag(flow: str, step: str, group: str) -> str:
+    return hash_tag(f"{flow}|{step}" + (f"|{group}" if group else ""))
+
+
 class Keys:
     """Key names under one prefix (``REDIS_KEY_PREFIX``)."""
 
@@ -42,12 +46,21 @@ class Keys:
         return f"{self.prefix}:{kind}:{{{hash_tag(user)}}}"
 
     # --- global ------------------------------------------------------------------------------
-    def step_stats(self, flow: str, step: str) -> str:
-        return f"{self.prefix}:stepstats:{{{hash_tag(flow + '|' + step)}}}"
+    def step_stats(self, flow: str, step: str, group: str = "") -> str:
+        """Hash of one step's statistics, for all users (group "") or one group (a cluster)."""
+        return f"{self.prefix}:stepstats:{{{_step_tag(flow, step, group)}}}"
 
-    def step_stats_applied(self, flow: str, step: str) -> str:
-        return f"{self.prefix}:stepstats-applied:{{{hash_tag(flow + '|' + step)}}}"
+    def step_stats_applied(self, flow: str, step: str, group: str = "") -> str:
+        return f"{self.prefix}:stepstats-applied:{{{_step_tag(flow, step, group)}}}"
 
     def step_stats_index(self) -> str:
         """Set of ``flow|step`` names that have statistics (for listing)."""
         return f"{self.prefix}:stepstats-index"
+
+    def deadlines(self, topic: str, partition: int) -> str:
+        """Sorted set of user ids by their next deadline (ms), for one input partition."""
+        return f"{self.prefix}:deadlines:{{{hash_tag(f'{topic}#{partition}')}}}"
+
+    def watermark(self, topic: str, partition: int) -> str:
+        """Hash ``ts`` (max event time seen) and ``at`` (wall clock then) of one input partition."""
+        return f"{self.prefix}:watermark:{{{hash_tag(f'{topic}#{partition}')}}}"

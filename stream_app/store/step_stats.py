@@ -29,10 +29,14 @@ class StepStats:
     count: int
     mean_s: float
     variance_s2: float
+    group: str = ""
 
     @property
     def stddev_s(self) -> float:
         return math.sqrt(self.variance_s2)
+
+
+GROUP_SEP = "\x1f"  # between "flow|step" and the group in the index
 
 
 class StepStatsStore(abc.ABC):
@@ -41,7 +45,7 @@ class StepStatsStore(abc.ABC):
         """Fold durations in, skipping message ids already folded; return how many were new."""
 
     @abc.abstractmethod
-    async def get(self, flow: str, step: str) -> StepStats | None: ...
+    async def get(self, flow: str, step: str, group: str = "") -> StepStats | None: ...
 
     @abc.abstractmethod
     async def all(self) -> list[StepStats]: ...
@@ -54,33 +58,32 @@ def _welford(n: int, mean: float, m2: float, x: float) -> tuple[int, float, floa
     return n, mean, m2 + delta * (x - mean)
 
 
-def _stats(flow: str, step: str, n: int, mean: float, m2: float) -> StepStats:
-    return StepStats(flow, step, n, mean, m2 / (n - 1) if n > 1 else 0.0)
+def _stats(flow: str, step: str, n: int, mean: float, m2: float, group: str = "") -> StepStats:
+    return StepStats(flow, step, n, mean, m2 / (n - 1) if n > 1 else 0.0, group)
 
 
 class InMemoryStepStatsStore(StepStatsStore):
     def __init__(self) -> None:
-        self.values: dict[tuple[str, str], tuple[int, float, float]] = {}
-        self.applied: set[str] = set()
+        self.values: dict[tuple[str, str, str], tuple[int, float, float]] = {}
+        self.applied: set[tuple[str, str]] = set()
 
     async def add(self, durations: Sequence[StepDuration]) -> int:
         new = 0
         for d in durations:
-            if d.message_id in self.applied:
+            if (d.group, d.message_id) in self.applied:
                 continue
-            self.applied.add(d.message_id)
-            self.values[(d.flow, d.step)] = _welford(
-                *self.values.get((d.flow, d.step), (0, 0.0, 0.0)), d.duration_s
-            )
+            self.applied.add((d.group, d.message_id))
+            key = (d.flow, d.step, d.group)
+            self.values[key] = _welford(*self.values.get(key, (0, 0.0, 0.0)), d.duration_s)
             new += 1
         return new
 
-    async def get(self, flow: str, step: str) -> StepStats | None:
-        value = self.values.get((flow, step))
-        return _stats(flow, step, *value) if value else None
+    async def get(self, flow: str, step: str, group: str = "") -> StepStats | None:
+        value = self.values.get((flow, step, group))
+        return _stats(flow, step, *value, group) if value else None
 
     async def all(self) -> list[StepStats]:
-        return [_stats(f, s, *v) for (f, s), v in sorted(self.values.items())]
+        return [_stats(f, s, *v, g) for (f, s, g), v in sorted(self.values.items())]
 
 
 # KEYS: stats hash, applied zset. ARGV: now ms, window ms, then (message id, duration) pairs.
@@ -115,9 +118,9 @@ class RedisStepStatsStore(StepStatsStore):
         self._sha: str | None = None
 
     async def add(self, durations: Sequence[StepDuration]) -> int:
-        by_step: dict[tuple[str, str], list[str]] = {}
+        by_step: dict[tuple[str, str, str], list[str]] = {}
         for d in durations:
-            by_step.setdefault((d.flow, d.step), []).extend((d.message_id, repr(d.duration_s)))
+            by_step.setdefault((d.flow, d.step, d.group), []).extend((d.message_id, repr(d.duration_s)))
         if not by_step:
             return 0
         now_ms = int(time.time() * 1000)
@@ -125,17 +128,19 @@ class RedisStepStatsStore(StepStatsStore):
             if self._sha is None:
                 self._sha = await self.client.script_load(_ADD_LUA)
             pipe = self.client.pipeline(transaction=False)
-            for (flow, step), pairs in by_step.items():
+            for (flow, step, group), pairs in by_step.items():
                 pipe.evalsha(
                     self._sha,
                     2,
-                    self.keys.step_stats(flow, step),
-                    self.keys.step_stats_applied(flow, step),
+                    self.keys.step_stats(flow, step, group),
+                    self.keys.step_stats_applied(flow, step, group),
                     now_ms,
                     self.window_ms,
                     *pairs,
                 )
-                pipe.sadd(self.keys.step_stats_index(), f"{flow}|{step}")
+                pipe.sadd(
+                    self.keys.step_stats_index(), f"{flow}|{step}" + (f"{GROUP_SEP}{group}" if group else "")
+                )
             try:
                 replies = await pipe.execute()
                 return sum(int(r) for r in replies[::2])
@@ -145,19 +150,20 @@ class RedisStepStatsStore(StepStatsStore):
                 self._sha = None
         return 0
 
-    async def get(self, flow: str, step: str) -> StepStats | None:
-        n, mean, m2 = await self.client.hmget(self.keys.step_stats(flow, step), ["n", "mean", "m2"])
+    async def get(self, flow: str, step: str, group: str = "") -> StepStats | None:
+        n, mean, m2 = await self.client.hmget(self.keys.step_stats(flow, step, group), ["n", "mean", "m2"])
         if n is None or mean is None or m2 is None:
             return None
-        return _stats(flow, step, int(n), float(mean), float(m2))
+        return _stats(flow, step, int(n), float(mean), float(m2), group)
 
     async def all(self) -> list[StepStats]:
         members = await self.client.smembers(self.keys.step_stats_index())
         names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
         out = []
         for name in names:
+            name, _, group = name.partition(GROUP_SEP)
             flow, _, step = name.partition("|")
-            stats = await self.get(flow, step)
+            stats = await self.get(flow, step, group)
             if stats is not None:
                 out.append(stats)
         return out

@@ -1,0 +1,199 @@
+"""Deadlines per input partition and partition watermarks: one interface, Redis and memory.
+
+Each partition of the events topic has a sorted set of user ids scored by the user's
+next deadline (epoch ms, event time) and a watermark hash (the greatest event time
+read from it, and the wall clock at that moment). The worker that owns the partition
+fires what is due. Keys of one partition share a Cluster hash tag, so each script
+touches one slot; partitions spread over the nodes of a Redis Cluster.
+
+Firing is decided by the profile's compare-and-set write, not by this index: the
+index says whom to look at, the profile says whether that occurrence was already
+decided. :meth:`DeadlineStore.settle` only replaces the score it read, so a deadline
+rescheduled meanwhile by an event is never lost.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from stream_app.store.keys import Keys
+from stream_app.store.profiles import AnyRedis
+
+
+class DeadlineStore(abc.ABC):
+    @abc.abstractmethod
+    async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
+        """Set each user's next deadline in ``partition`` (None: remove)."""
+
+    @abc.abstractmethod
+    async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Users whose deadline is <= ``upto_ms``, earliest first, with the score read."""
+
+    @abc.abstractmethod
+    async def settle(self, partition: int, settled: Sequence[tuple[str, int, int | None]]) -> int:
+        """For (user, score read, next deadline): replace the score only if it is still the one read.
+
+        Returns how many were replaced or removed.
+        """
+
+    @abc.abstractmethod
+    async def pending(self, partition: int) -> int: ...
+
+    @abc.abstractmethod
+    async def remove_users(self, users: Sequence[str], partitions: Iterable[int]) -> None:
+        """Drop users from every given partition (erasure)."""
+
+    @abc.abstractmethod
+    async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
+        """Raise the partition's watermark to ``event_ms`` (never lowers it), noting the wall clock."""
+
+    @abc.abstractmethod
+    async def watermark(self, partition: int) -> tuple[int, int] | None:
+        """(max event time, wall clock when it was seen), or None before any event."""
+
+
+class InMemoryDeadlineStore(DeadlineStore):
+    def __init__(self) -> None:
+        self.sets: dict[int, dict[str, int]] = {}
+        self.marks: dict[int, tuple[int, int]] = {}
+
+    async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
+        zset = self.sets.setdefault(partition, {})
+        for user, at in entries.items():
+            if at is None:
+                zset.pop(user, None)
+            else:
+                zset[user] = at
+
+    async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
+        items = sorted((at, user) for user, at in self.sets.get(partition, {}).items() if at <= upto_ms)
+        return [(user, at) for at, user in items[:limit]]
+
+    async def settle(self, partition: int, settled: Sequence[tuple[str, int, int | None]]) -> int:
+        zset = self.sets.setdefault(partition, {})
+        done = 0
+        for user, read, nxt in settled:
+            if zset.get(user) == read:
+                done += 1
+                if nxt is None:
+                    del zset[user]
+                else:
+                    zset[user] = nxt
+        return done
+
+    async def pending(self, partition: int) -> int:
+        return len(self.sets.get(partition, {}))
+
+    async def remove_users(self, users: Sequence[str], partitions: Iterable[int]) -> None:
+        for p in partitions:
+            for user in users:
+                self.sets.get(p, {}).pop(user, None)
+
+    async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
+        current = self.marks.get(partition)
+        if current is None or event_ms > current[0]:
+            self.marks[partition] = (event_ms, wall_ms)
+
+    async def watermark(self, partition: int) -> tuple[int, int] | None:
+        return self.marks.get(partition)
+
+
+# KEYS[1] the partition's zset. ARGV: triples (user, score read, next or "").
+_SETTLE_LUA = """
+local done = 0
+for i = 1, #ARGV, 3 do
+  local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if current and tonumber(current) == tonumber(ARGV[i + 1]) then
+    if ARGV[i + 2] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    end
+    done = done + 1
+  end
+end
+return done
+"""
+
+# KEYS[1] watermark hash. ARGV: event ms, wall ms.
+_ADVANCE_LUA = """
+local ts = tonumber(redis.call('HGET', KEYS[1], 'ts') or '-1')
+if tonumber(ARGV[1]) > ts then
+  redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'at', ARGV[2])
+end
+return 1
+"""
+
+
+class RedisDeadlineStore(DeadlineStore):
+    def __init__(self, client: AnyRedis, keys: Keys, topic: str) -> None:
+        self.client, self.keys, self.topic = client, keys, topic
+        self._shas: dict[str, str] = {}
+
+    def _zset(self, partition: int) -> str:
+        return self.keys.deadlines(self.topic, partition)
+
+    async def _script(self, source: str, key: str, *args: object) -> int:
+        for attempt in range(2):
+            sha = self._shas.get(source)
+            if sha is None:
+                sha = self._shas[source] = await self.client.script_load(source)
+            try:
+                return int(await self.client.evalsha(sha, 1, key, *args))  # type: ignore[arg-type,unused-ignore]
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._shas.pop(source, None)
+        return 0
+
+    async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
+        adds = {user: at for user, at in entries.items() if at is not None}
+        removes = [user for user, at in entries.items() if at is None]
+        pipe = self.client.pipeline(transaction=False)
+        if adds:
+            pipe.zadd(self._zset(partition), dict(adds))
+        if removes:
+            pipe.zrem(self._zset(partition), *removes)
+        if adds or removes:
+            await pipe.execute()
+
+    async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
+        rows: list[Any] = await self.client.zrangebyscore(
+            self._zset(partition), "-inf", upto_ms, start=0, num=limit, withscores=True
+        )
+        out: list[tuple[str, int]] = []
+        for user, score in rows:
+            out.append((user.decode() if isinstance(user, bytes) else str(user), int(score)))
+        return out
+
+    async def settle(self, partition: int, settled: Sequence[tuple[str, int, int | None]]) -> int:
+        if not settled:
+            return 0
+        args: list[object] = []
+        for user, read, nxt in settled:
+            args.extend((user, read, "" if nxt is None else nxt))
+        return await self._script(_SETTLE_LUA, self._zset(partition), *args)
+
+    async def pending(self, partition: int) -> int:
+        return int(await self.client.zcard(self._zset(partition)))
+
+    async def remove_users(self, users: Sequence[str], partitions: Iterable[int]) -> None:
+        if not users:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.zrem(self._zset(p), *users)
+        await pipe.execute()
+
+    async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
+        await self._script(_ADVANCE_LUA, self.keys.watermark(self.topic, partition), event_ms, wall_ms)
+
+    async def watermark(self, partition: int) -> tuple[int, int] | None:
+        raw = await self.client.hmget(self.keys.watermark(self.topic, partition), ["ts", "at"])
+        if raw[0] is None:
+            return None
+        return int(raw[0]), int(raw[1] or 0)

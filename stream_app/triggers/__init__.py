@@ -1,0 +1,1 @@
+"""Personalization triggers: configuration (:mod:`.config`) and pure decisions (:mod:`.decide`)."""

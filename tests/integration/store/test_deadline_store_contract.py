@@ -1,0 +1,59 @@
+"""The deadline index and watermarks: one contract for Redis and memory."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
+from stream_app.store.keys import Keys
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> DeadlineStore:
+    if request.param == "memory":
+        return InMemoryDeadlineStore()
+    return RedisDeadlineStore(fresh_redis, Keys("dl"), "onboarding.events")
+
+
+async def test_due_returns_the_earliest_first_per_partition(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 300, "b": 100, "c": 900})
+    await store.schedule(1, {"z": 50})
+    assert await store.due(0, 300, 10) == [("b", 100), ("a", 300)]
+    assert await store.due(0, 300, 1) == [("b", 100)]
+    assert await store.due(1, 10, 10) == []
+    assert await store.pending(0) == 3
+
+
+async def test_schedule_moves_and_removes(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 100})
+    await store.schedule(0, {"a": 500, "b": None})
+    assert await store.due(0, 1000, 10) == [("a", 500)]
+    await store.schedule(0, {"a": None})
+    assert await store.pending(0) == 0
+
+
+async def test_settle_only_replaces_the_score_it_read(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 100, "b": 100, "c": 100})
+    await store.schedule(0, {"b": 700})  # an event rescheduled b after the timer read it
+    done = await store.settle(0, [("a", 100, None), ("b", 100, None), ("c", 100, 2000)])
+    assert done == 2
+    assert await store.due(0, 10_000, 10) == [("b", 700), ("c", 2000)]
+
+
+async def test_remove_users_from_every_partition(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 1, "b": 2})
+    await store.schedule(3, {"a": 1})
+    await store.remove_users(["a"], range(4))
+    assert await store.due(0, 10, 10) == [("b", 2)]
+    assert await store.pending(3) == 0
+
+
+async def test_watermark_only_moves_forward(store: DeadlineStore) -> None:
+    assert await store.watermark(0) is None
+    await store.advance_watermark(0, 1000, 5000)
+    await store.advance_watermark(0, 900, 6000)  # an older event does not lower it
+    assert await store.watermark(0) == (1000, 5000)
+    await store.advance_watermark(0, 1500, 7000)
+    assert await store.watermark(0) == (1500, 7000)
+    assert await store.watermark(1) is None

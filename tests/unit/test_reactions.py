@@ -1,0 +1,180 @@
+"""Segment changes, triggers and deadlines through the pipeline, on the in-memory stores.
+
+Covers the delivery guarantees that do not need a broker: the outbox written with the
+profile, re-published after a restart with the same ids, deadlines fired once even by
+two timers, cancelled by completion and erasure.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from stream_app.contract import ContractRules
+from stream_app.metrics import Metrics
+from stream_app.paths import CONFIG_DIR
+from stream_app.pipeline import BatchOutcome, EventProcessor
+from stream_app.profile import ProfileRules
+from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
+from stream_app.segments.rules import load_segments
+from stream_app.store.profiles import InMemoryProfileStore
+from stream_app.triggers.config import parse_config
+from tests.unit.test_pipeline import T0, ev, records, track
+
+RAW = {
+    "stalled_step": {
+        "multiplier": 2,
+        "default_mean": 60,
+        "min_threshold": 1,
+        "actions": [{"action": {"kind": "tip"}}],
+    },
+    "onboarding_completed": {"actions": [{"action": {"kind": "welcome"}}]},
+    "limits": {"allowed_lateness": 0},
+}
+
+
+def context(**changes: Any) -> ReactionContext:
+    raw = copy.deepcopy(RAW)
+    for key, value in changes.items():
+        raw.setdefault(key, {}).update(value)
+    return ReactionContext(load_segments(CONFIG_DIR / "segments.toml"), parse_config(raw), ProfileRules())
+
+
+def processor(store: InMemoryProfileStore, ctx: ReactionContext | None = None) -> EventProcessor:
+    ctx = ctx or context()
+    return EventProcessor(
+        store,
+        ContractRules(pii_salt=b"s"),
+        ProfileRules(),
+        Metrics(),
+        clock=lambda: T0 / 1000,
+        reactions=lambda: ctx,
+    )
+
+
+async def process(p: EventProcessor, recs: Any) -> BatchOutcome:
+    """What the runtime does: process, publish, then remember the outbox as published."""
+    out = await p.process(recs)
+    p.mark_published(out.outbox_keys)
+    return out
+
+
+async def fire(p: EventProcessor, due: list[tuple[str, int]], now_ms: int) -> BatchOutcome:
+    out = await p.fire(0, due, now_ms)
+    p.mark_published(out.outbox_keys)
+    return out
+
+
+def sent(outcome: BatchOutcome, to: str) -> list[dict[str, Any]]:
+    return [m["value"] for m in outcome.outbox if m["to"] == to]
+
+
+def start(uid: str = "u1", at: int = 0, step: str = "profile", mid: str = "s1") -> dict[str, Any]:
+    return track("Onboarding Step Started", mid, uid=uid, at=at, flow="signup", step=step)
+
+
+async def test_events_publish_segment_changes_and_schedule_the_stall() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store)
+    out = await process(p, records(start()))
+    assert out.deadlines == {0: {"u1": T0 + 120_000}}
+    changes = sent(out, SEGMENTS)
+    assert {(c["segment"], c["change"], c["source"]) for c in changes} == {("passive", "entered", "rule")}
+    assert changes[0]["reason"].startswith("matches: ")
+    doc = await store.get("u1")
+    assert doc is not None and doc["engine"]["segments"] == ["passive"]
+
+
+async def test_the_timer_fires_once_even_when_two_timers_race() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store)
+    await process(p, records(start()))
+    early = await fire(p, [("u1", T0 + 120_000)], T0 + 100_000)
+    assert sent(early, TRIGGERS) == [] and early.settled == [("u1", T0 + 120_000, T0 + 120_000)]
+    first = await fire(p, [("u1", T0 + 120_000)], T0 + 121_000)
+    second = await fire(processor(store), [("u1", T0 + 120_000)], T0 + 122_000)  # another worker
+    assert [t["type"] for t in sent(first, TRIGGERS)] == ["stalled_step"]
+    # the second worker decides nothing new; it re-sends the stored outbox it cannot know
+    # was published, under the same trigger id (consumers deduplicate by trigger_id)
+    ids = {t["trigger_id"] for t in sent(first, TRIGGERS) + sent(second, TRIGGERS)}
+    assert len(ids) == 1
+    doc = await store.get("u1")
+    assert doc is not None and len(doc["engine"]["fired"]) == 1
+
+
+async def test_completion_cancels_the_stall() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store)
+    await process(p, records(start()))
+    done = await process(
+        p, records(track("Onboarding Step Completed", "c1", at=30, flow="signup", step="profile"))
+    )
+    assert done.deadlines[0]["u1"] != T0 + 120_000  # the next deadline is no longer the stall
+    fired = await fire(p, [("u1", T0 + 120_000)], T0 + 200_000)
+    assert sent(fired, TRIGGERS) == []
+
+
+async def test_a_user_who_said_no_gets_no_trigger_and_leaves_segments() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store)
+    await process(p, records(start()))
+    no = ev(
+        "track",
+        "n1",
+        at=5,
+        event="Consent Updated",
+        context={"consent": {"categoryPreferences": {"personalization": False}}},
+    )
+    out = await process(p, records(no))
+    assert out.deadlines == {0: {"u1": None}}
+    assert [(c["segment"], c["change"], c["reason"]) for c in sent(out, SEGMENTS)] == [
+        ("passive", "exited", "consent withdrawn")
+    ]
+    fired = await fire(p, [("u1", T0 + 120_000)], T0 + 500_000)
+    assert sent(fired, TRIGGERS) == [] and ("stalled_step", "consent") in fired.suppressed
+
+
+async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -> None:
+    store = InMemoryProfileStore()
+    batch = records(start(), track("Onboarding Completed", "oc", at=10, flow="signup"))
+    first = await processor(store).process(batch)  # written; then the worker dies before publishing
+    assert sent(first, TRIGGERS)
+    restarted = processor(store)
+    again = await restarted.process(batch)  # redelivered: all duplicates, outbox re-sent
+    assert again.applied == 0
+    assert [m["value"] for m in again.outbox] == [m["value"] for m in first.outbox]
+    restarted.mark_published(again.outbox_keys)
+    assert (await restarted.process(batch)).outbox == []  # published once here: not again
+
+
+async def test_erasure_drops_pending_messages_and_deadlines() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store)
+    out = await process(p, records(start(), track("Data Deletion Requested", "del", at=2)))
+    assert out.outbox == [] and out.deadlines == {0: {}}
+    assert await store.get("u1") is None
+
+
+async def test_holdout_users_go_to_the_holdout_topic() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store, context(stalled_step={"holdout": 1.0}))
+    await process(p, records(start()))
+    fired = await fire(p, [("u1", T0 + 120_000)], T0 + 130_000)
+    assert sent(fired, TRIGGERS) == [] and [t["group"] for t in sent(fired, HOLDOUT)] == ["control"]
+
+
+@pytest.mark.parametrize("crash_after", ["write", "publish"])
+async def test_timer_replay_after_a_crash_sends_the_same_trigger(crash_after: str) -> None:
+    store = InMemoryProfileStore()
+    await processor(store).process(records(start()))
+    due = [("u1", T0 + 120_000)]
+    first = await processor(store).fire(0, due, T0 + 130_000)
+    restarted = processor(store)
+    if crash_after == "publish":
+        restarted.mark_published(first.outbox_keys)
+    second = await restarted.fire(0, due, T0 + 131_000)  # the index was never settled
+    ids = [t["trigger_id"] for t in sent(first, TRIGGERS) + sent(second, TRIGGERS)]
+    assert len(set(ids)) == 1
+    assert len(ids) == (2 if crash_after == "write" else 1)
