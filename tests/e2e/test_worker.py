@@ -137,7 +137,7 @@ def expected_step_counts(expected: dict[str, Any]) -> dict[str, int]:
 def served_step_counts(worker: WorkerHandle) -> dict[str, int]:
     status, rows = worker.get("/stats/steps")
     assert status == 200
-    return {f"{r['flow']}/{r['step']}": r["count"] for r in rows}
+    return {f"{r['flow']}/{r['step']}": r["count"] for r in rows if r["group"] == "all"}
 
 
 def applied_total(worker: WorkerHandle) -> float:

@@ -1,0 +1,211 @@
+"""Triggers and segment changes as a notification service sees them, in real time.
+
+Small thresholds (a default step mean of 1-3 s, so a stall after 2-6 s) make the real
+clock usable. Each test reads the output topics with a plain Kafka consumer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from stream_app.contract import iso_ms
+
+from .conftest import Deployment, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+[limits]
+cap_per_day = 100
+allowed_lateness = 0
+[stalled_step]
+multiplier = 2.0
+min_samples = 1000
+default_mean = {mean}
+min_threshold = 0.5
+cooldown = 0
+holdout = 0.0
+[[stalled_step.actions]]
+segment = "struggling"
+action = {{ kind = "live_chat" }}
+[[stalled_step.actions]]
+action = {{ kind = "in_app_tutorial" }}
+"""
+
+
+def use_config(deployment: Deployment, tmp_path: Path, mean_s: float) -> None:
+    path = tmp_path / "triggers.toml"
+    path.write_text(CONFIG.format(mean=mean_s))
+    deployment.env["TRIGGERS_FILE"] = str(path)
+    deployment.env["TIMER_INTERVAL_SECONDS"] = "0.1"
+
+
+def read_topic(deployment: Deployment, topic: str, idle_s: float = 2.0, timeout_s: float = 30) -> list[Any]:
+    """Every message of ``topic`` from the beginning, until nothing new arrives for ``idle_s``."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": deployment.settings.kafka_bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(8)])
+    out: list[Any] = []
+    last_new = time.monotonic() + 2.5  # a new consumer needs a moment for its first fetch
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() - last_new < idle_s and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None and not msg.error():
+            value = orjson.loads(msg.value())
+            assert msg.key() == value["user_id"].encode()
+            out.append(value)
+            last_new = time.monotonic() + 2.5  # a new consumer needs a moment for its first fetch
+    consumer.close()
+    return out
+
+
+def step(
+    uid: str, name: str, at_ms: int, n: int, consent: bool | None = None, **props: str
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "track",
+        "messageId": f"{uid}-{n}",
+        "userId": uid,
+        "timestamp": iso_ms(at_ms),
+        "event": name,
+        "properties": {"flow": "signup", **props},
+    }
+    if consent is not None:
+        event["context"] = {"consent": {"categoryPreferences": {"personalization": consent}}}
+    return event
+
+
+def diagnose(worker: Any) -> Any:
+    def text() -> str:
+        metrics = worker.wait_http("/metrics", 10).decode().splitlines()
+        wanted = ("onboarding_deadline", "onboarding_watermark", "onboarding_trigger", "onboarding_events")
+        return worker.tail() + "\n" + "\n".join(m for m in metrics if m.startswith(wanted))
+
+    return text
+
+
+def stalled_counts(triggers: list[Any]) -> Counter[str]:
+    return Counter(t["user_id"] for t in triggers if t["type"] == "stalled_step")
+
+
+def test_stalled_user_gets_exactly_one_trigger_finisher_and_opted_out_none(
+    deployment: Deployment, worker_factory: Any, tmp_path: Path
+) -> None:
+    use_config(deployment, tmp_path, mean_s=1.0)  # stalled after 2 s
+    worker = worker_factory().start()
+    now = int(time.time() * 1000)
+    deployment.send(
+        [
+            step("stuck", "Onboarding Step Started", now, 1, step="profile"),
+            step("finisher", "Onboarding Step Started", now, 1, step="profile"),
+            step("finisher", "Onboarding Step Completed", now + 500, 2, step="profile"),
+            step("no-thanks", "Onboarding Step Started", now, 1, consent=False, step="profile"),
+        ]
+    )
+    topic = deployment.settings.topic_triggers
+    wait_until(lambda: stalled_counts(read_topic(deployment, topic, 0.5)), 30, "the stall", diagnose(worker))
+    time.sleep(3)  # more timer passes: nothing else may come
+    triggers = read_topic(deployment, topic)
+    assert stalled_counts(triggers) == {"stuck": 1}
+    trig = next(t for t in triggers if t["type"] == "stalled_step")
+    assert trig["evidence"]["step"] == "profile" and trig["evidence"]["threshold_s"] == 2.0
+    assert trig["evidence"]["baseline"] == "default" and trig["evidence"]["elapsed_s"] >= 2.0
+    assert trig["action"] == {"kind": "in_app_tutorial"} and trig["group"] == "treatment"
+    assert len(trig["trigger_id"]) == 32
+    status, refused = worker.get("/profiles/no-thanks")
+    assert status == 200 and refused["segments"] == [] and refused["triggers"] == []
+    assert worker.metric("onboarding_timer_lag_seconds_count") >= 1
+
+    changes = read_topic(deployment, deployment.settings.topic_segments)
+    entered = {(c["user_id"], c["segment"]) for c in changes if c["change"] == "entered"}
+    assert ("stuck", "passive") in entered and ("finisher", "passive") in entered
+    assert not any(c["user_id"] == "no-thanks" for c in changes)  # said no from the start
+    status, profile = worker.get("/profiles/stuck")
+    assert status == 200 and [t["type"] for t in profile["triggers"]] == ["stalled_step"]
+    assert "engine" not in profile and "passive" in profile["segments"]
+
+
+def test_sigkill_with_pending_deadlines_then_restart_fires_each_once(
+    deployment: Deployment, worker_factory: Any, tmp_path: Path
+) -> None:
+    use_config(deployment, tmp_path, mean_s=4.0)  # stalled after 8 s
+    first = worker_factory().start()
+    now = int(time.time() * 1000)
+    users = [f"k{i}" for i in range(20)]
+    deployment.send([step(u, "Onboarding Step Started", now, 1, step="connect") for u in users])
+    wait_until(
+        lambda: first.metric("onboarding_events_applied_total") >= len(users),
+        30,
+        "events applied",
+        first.tail,
+    )
+    first.kill()  # deadlines pending in Redis, none due yet
+    assert read_topic(deployment, deployment.settings.topic_triggers, 0.5) == []
+    second = worker_factory().start()
+    topic = deployment.settings.topic_triggers
+    wait_until(
+        lambda: len(stalled_counts(read_topic(deployment, topic, 0.5))) == len(users),
+        60,
+        "all stalls",
+        second.tail,
+    )
+    time.sleep(2)
+    assert stalled_counts(read_topic(deployment, topic)) == {u: 1 for u in users}
+
+
+def test_replaying_a_backlog_fires_no_false_stalls(
+    deployment: Deployment, worker_factory: Any, tmp_path: Path
+) -> None:
+    """Ten minutes of history read at once: a completion still unread must cancel its stall.
+
+    Each finisher's completion comes 1.5 s (event time) after its start, under the 2 s
+    threshold, but hundreds of other users' events lie between them in the log, and
+    batches are small, so the worker reads the start long before the completion. By the
+    wall clock every start is 10 minutes old; only the partition watermark knows better.
+    """
+    use_config(deployment, tmp_path, mean_s=1.0)
+    deployment.env["BATCH_MAX_EVENTS"] = "10"
+    t0 = int(time.time() * 1000) - 600_000
+    events: list[dict[str, Any]] = []
+    n = 0
+    for i in range(12):
+        base = t0 + i * 3000
+        events.append(step(f"fin{i}", "Onboarding Step Started", base, 1, step="profile"))
+        events.append(step(f"stuck{i % 4}", "Onboarding Step Started", base, 1, step="profile"))
+        for j in range(150):  # filler: other users' events between start and completion
+            n += 1
+            events.append(
+                {
+                    "type": "page",
+                    "messageId": f"filler-{n}",
+                    "userId": f"filler{n % 97}",
+                    "timestamp": iso_ms(base + j * 9),
+                    "name": "Docs",
+                }
+            )
+        events.append(step(f"fin{i}", "Onboarding Step Completed", base + 1500, 2, step="profile"))
+    deployment.send(events)  # the backlog is in the log before any worker runs
+    worker = worker_factory().start()
+    wait_until(
+        lambda: worker.metric("onboarding_events_applied_total") >= len(events) - 8,
+        120,
+        "the backlog",
+        worker.tail,
+    )
+    time.sleep(2)
+    counts = stalled_counts(read_topic(deployment, deployment.settings.topic_triggers))
+    assert not [u for u in counts if u.startswith("fin")], counts  # no false stalls
+    assert counts == {f"stuck{i}": 1 for i in range(4)}  # the real ones still fire, once
