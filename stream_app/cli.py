@@ -4,6 +4,7 @@ stream-app demo              embedded broker + Redis + worker + synthetic stream
 stream-app worker            run the worker against KAFKA_BOOTSTRAP_SERVERS and REDIS_URL
 stream-app topics apply      create/update the topics declared in topics/topics.toml
 stream-app profile USER_ID   print a user's profile as JSON
+stream-app report            trigger lift: treated vs holdout completion with 95% intervals
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_profile(args: argparse.Namespace) -> int:
+def _store_settings() -> Settings:
+    """Settings for commands that only read Redis; a running demo's Redis when REDIS_URL is unset."""
     overrides = {}
     if not os.environ.get("REDIS_URL") and DEMO_STATE.exists():
         state = json.loads(DEMO_STATE.read_text())
@@ -78,6 +80,73 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     settings = Settings.load(**overrides)
     if not settings.redis_url:
         raise ConfigError("REDIS_URL", "not set; point it at the profile store")
+    return settings
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    settings = _store_settings()
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from stream_app.app import Runtime
+    from stream_app.report import lift, outcomes
+
+    async def collect() -> list[tuple[str, str, bool]]:
+        runtime = Runtime(settings.model_copy(update={"kafka_bootstrap_servers": "unused:1"}))
+        rows: list[tuple[str, str, bool]] = []
+        try:
+            with Progress(transient=True, console=Console(stderr=True)) as progress:
+                task = progress.add_task("reading profiles", total=None)
+                async for doc in runtime.store.documents():
+                    rows.extend(outcomes(doc))
+                    progress.advance(task)
+        finally:
+            await runtime.close()
+        return rows
+
+    results = [r for r in lift(asyncio.run(collect())) if args.type is None or r.trigger_type == args.type]
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps([r.as_dict() for r in results], option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
+        return 0
+    table = Table(title="Trigger lift: completion after the trigger, treated vs held-out control (95% CI)")
+    for column in (
+        "trigger",
+        "treated n",
+        "treated rate",
+        "control n",
+        "control rate",
+        "difference",
+        "95% CI",
+    ):
+        table.add_column(column, justify="left" if column == "trigger" else "right")
+
+    def pct(x: float) -> str:
+        return "-" if x != x else f"{100 * x:.1f}%"
+
+    for r in results:
+        low, high = r.interval()
+        lo_t, hi_t = r.treatment.wilson()
+        lo_c, hi_c = r.control.wilson()
+        table.add_row(
+            r.trigger_type,
+            str(r.treatment.n),
+            f"{pct(r.treatment.rate)} [{pct(lo_t)}, {pct(hi_t)}]",
+            str(r.control.n),
+            f"{pct(r.control.rate)} [{pct(lo_c)}, {pct(hi_c)}]",
+            pct(r.difference),
+            f"[{pct(low)}, {pct(high)}]",
+        )
+    Console().print(table)
+    if not results:
+        print("no trigger decisions recorded yet", file=sys.stderr)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    settings = _store_settings()
 
     from stream_app.app import Runtime
 
@@ -150,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
         "apply", help="create missing topics, raise partition counts, set configs (idempotent; never deletes)"
     )
     apply.set_defaults(func=_cmd_topics)
+
+    report = sub.add_parser(
+        "report",
+        help="trigger lift: step/onboarding completion of treated users vs the holdout group, with 95%% CI",
+        description="Reads every profile in REDIS_URL (or the running demo's Redis) and compares, per "
+        "trigger type, how often users completed what the trigger was about after it: users who got "
+        "the trigger against the holdout control group (HOLDOUT share per type in the triggers file).",
+    )
+    report.add_argument("--type", default=None, help="only this trigger type (e.g. stalled_step)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.set_defaults(func=_cmd_report)
 
     profile = sub.add_parser("profile", help="print a user's profile as JSON (reads REDIS_URL)")
     profile.add_argument("user_id", help="userId (or an anonymousId; merged ids resolve to their user)")

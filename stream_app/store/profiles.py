@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,10 @@ class ProfileStore(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise if the store cannot be reached."""
+
+    @abc.abstractmethod
+    def documents(self, batch: int = 500) -> AsyncIterator[Profile]:
+        """Every stored document, tombstones included, in no particular order (reports)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -216,6 +220,27 @@ class RedisProfileStore(ProfileStore):
     async def ping(self) -> None:
         await self.client.ping()
 
+    async def documents(self, batch: int = 500) -> AsyncIterator[Profile]:
+        # scan_iter visits every node of a Redis Cluster; MATCH keeps to this prefix's profiles
+        pattern = self.keys.user_key("p", "*").replace("{*}", "*")
+        names: list[Any] = []
+        async for name in self.client.scan_iter(match=pattern, count=batch):
+            names.append(name)
+            if len(names) >= batch:
+                for doc in await self._fetch(names):
+                    yield doc
+                names = []
+        for doc in await self._fetch(names):
+            yield doc
+
+    async def _fetch(self, names: list[Any]) -> list[Profile]:
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(name, "d")
+        return [orjson.loads(raw) for raw in await pipe.execute() if raw is not None]
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -269,3 +294,7 @@ class InMemoryProfileStore(ProfileStore):
 
     async def ping(self) -> None:
         return None
+
+    async def documents(self, batch: int = 500) -> AsyncIterator[Profile]:
+        for _version, raw in list(self.profiles.values()):
+            yield orjson.loads(raw)

@@ -62,3 +62,47 @@ def test_profile_command_prints_the_profile(redis_url: str) -> None:
         timeout=60,
     )
     assert missing.returncode == 1 and "no profile" in missing.stderr
+
+
+def test_report_command_compares_treated_and_control(redis_url: str) -> None:
+    prefix = f"rep{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(redis_url)
+    plan = (
+        [("treatment", True)] * 6
+        + [("treatment", False)] * 2
+        + [("control", True)]
+        + [("control", False)] * 3
+    )
+    for i, (group, completes) in enumerate(plan):
+        doc = new_profile(f"r{i}")
+        doc["onboarding"]["signup"] = {"status": "in_progress", "completed_steps": {}}
+        if completes:
+            doc["onboarding"]["signup"]["completed_steps"]["profile"] = {"completed_ms": 5000}
+        doc["engine"] = {
+            "fired": [{"type": "stalled_step", "subject": "signup/profile", "at": 1000, "group": group}]
+        }
+        client.hset(Keys(prefix).profile(f"r{i}"), mapping={"v": 1, "d": orjson.dumps(doc)})
+    client.hset(Keys("other").profile("x"), mapping={"v": 1, "d": orjson.dumps(new_profile("x"))})
+    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": prefix}
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app", "report", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = orjson.loads(result.stdout)
+    assert row["type"] == "stalled_step"
+    assert row["treatment"] == {"n": 8, "completed": 6, "rate": 0.75}
+    assert row["control"] == {"n": 4, "completed": 1, "rate": 0.25}
+    low, high = row["difference_ci95"]
+    assert low < 0.5 < high
+    table = subprocess.run(
+        [sys.executable, "-m", "stream_app", "report"],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "200"},
+        timeout=60,
+    )
+    assert table.returncode == 0 and "stalled_step" in table.stdout and "75.0%" in table.stdout

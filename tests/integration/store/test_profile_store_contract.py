@@ -64,3 +64,10 @@ async def test_erase_removes_every_key_of_the_user(store: ProfileStore) -> None:
         keys = Keys("t")
         for kind in USER_KEY_KINDS:
             assert not await store.client.exists(keys.user_key(kind, "gone"))
+
+
+async def test_documents_lists_every_stored_profile(store: ProfileStore) -> None:
+    for i in range(7):
+        await store.save([Write(f"d{i}", 0, {"user_id": f"d{i}"}, [f"m{i}"])])
+    seen = sorted([doc["user_id"] async for doc in store.documents(batch=3)])
+    assert seen == [f"d{i}" for i in range(7)]

@@ -1,0 +1,119 @@
+"""Lift of triggers: the outcome of treated users against the holdout control group. Pure.
+
+For every trigger occurrence the engine decided (delivered = treatment, held out =
+control; both are kept in the profile's ``engine.fired`` log), the outcome is whether
+the user went on to do what the trigger is about:
+
+* ``stalled_step``: completed that step after the trigger;
+* ``onboarding_abandoned`` and the rest: completed the onboarding flow (any flow) after it.
+
+The rates come with 95% Wilson score intervals and the difference (treatment - control)
+with Newcombe's hybrid score interval, which behave for small groups and rates near 0
+or 1. Users are assigned to the groups by a hash, so the comparison is a randomized one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from stream_app.profile import Profile, is_tombstone
+from stream_app.triggers.decide import CONTROL, TREATMENT
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    n: int
+    successes: int
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else math.nan
+
+    def wilson(self, z: float = Z95) -> tuple[float, float]:
+        if self.n == 0:
+            return (math.nan, math.nan)
+        p, n = self.rate, self.n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Lift:
+    trigger_type: str
+    treatment: GroupResult
+    control: GroupResult
+
+    @property
+    def difference(self) -> float:
+        return self.treatment.rate - self.control.rate
+
+    def interval(self) -> tuple[float, float]:
+        """Newcombe (1998) method 10: the difference's 95% interval from the two Wilson intervals."""
+        if self.treatment.n == 0 or self.control.n == 0:
+            return (math.nan, math.nan)
+        p1, p2 = self.treatment.rate, self.control.rate
+        l1, u1 = self.treatment.wilson()
+        l2, u2 = self.control.wilson()
+        d = p1 - p2
+        return (
+            d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+            d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        low, high = self.interval()
+        return {
+            "type": self.trigger_type,
+            "treatment": {
+                "n": self.treatment.n,
+                "completed": self.treatment.successes,
+                "rate": self.treatment.rate,
+            },
+            "control": {"n": self.control.n, "completed": self.control.successes, "rate": self.control.rate},
+            "difference": self.difference,
+            "difference_ci95": [low, high],
+        }
+
+
+def outcomes(doc: Profile) -> list[tuple[str, str, bool]]:
+    """(trigger type, group, succeeded) for every trigger occurrence decided for this user."""
+    if is_tombstone(doc):
+        return []
+    engine = doc.get("engine") or {}
+    flows: dict[str, Any] = doc.get("onboarding", {})
+    out = []
+    for fired in engine.get("fired", []):
+        at = fired["at"]
+        if fired["type"] == "stalled_step":
+            flow, _, step = fired["subject"].partition("/")
+            done = flows.get(flow, {}).get("completed_steps", {}).get(step)
+            success = done is not None and done["completed_ms"] >= at
+        else:
+            success = any(
+                f.get("status") == "completed" and (f.get("completed_ms") or 0) >= at for f in flows.values()
+            )
+        out.append((fired["type"], fired["group"], success))
+    return out
+
+
+def lift(rows: Iterable[tuple[str, str, bool]]) -> list[Lift]:
+    counts: dict[tuple[str, str], list[int]] = {}
+    for type_, group, success in rows:
+        c = counts.setdefault((type_, group), [0, 0])
+        c[0] += 1
+        c[1] += int(success)
+    types = sorted({t for t, _g in counts})
+    return [
+        Lift(
+            t,
+            GroupResult(*counts.get((t, TREATMENT), [0, 0])),
+            GroupResult(*counts.get((t, CONTROL), [0, 0])),
+        )
+        for t in types
+    ]

@@ -1,0 +1,63 @@
+"""The lift report's statistics and outcome rules."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from stream_app.profile import new_profile
+from stream_app.report import GroupResult, Lift, lift, outcomes
+
+
+def test_wilson_matches_published_values() -> None:
+    # Newcombe (1998), table I: 81/263 -> 0.2553 to 0.3662
+    low, high = GroupResult(263, 81).wilson()
+    assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
+    assert GroupResult(10, 0).wilson()[0] == 0.0 and GroupResult(10, 10).wilson()[1] == pytest.approx(1.0)
+
+
+def test_newcombe_difference_matches_the_published_example() -> None:
+    # Newcombe (1998), table II example (56/70 vs 48/80): difference 0.2 with interval 0.0524 to 0.3339
+    low, high = Lift("t", GroupResult(70, 56), GroupResult(80, 48)).interval()
+    assert (round(low, 4), round(high, 4)) == (0.0524, 0.3339)
+
+
+def test_empty_groups_give_nan_not_an_error() -> None:
+    assert all(math.isnan(x) for x in Lift("t", GroupResult(5, 2), GroupResult(0, 0)).interval())
+
+
+def test_outcomes_of_a_stalled_step_count_a_later_completion() -> None:
+    doc = new_profile("u")
+    doc["onboarding"]["signup"] = {
+        "status": "in_progress",
+        "completed_steps": {"profile": {"completed_ms": 2000, "duration_s": 1, "message_id": "m"}},
+    }
+    doc["engine"] = {
+        "fired": [
+            {"type": "stalled_step", "subject": "signup/profile", "at": 1000, "group": "treatment"},
+            {"type": "stalled_step", "subject": "signup/connect", "at": 1500, "group": "control"},
+            {"type": "onboarding_abandoned", "subject": "signup", "at": 1700, "group": "treatment"},
+        ]
+    }
+    assert outcomes(doc) == [
+        ("stalled_step", "treatment", True),
+        ("stalled_step", "control", False),
+        ("onboarding_abandoned", "treatment", False),
+    ]
+    assert outcomes({"merged_into": "x"}) == []
+
+
+@pytest.mark.parametrize("effect", [0.0, 0.15])
+def test_the_interval_covers_the_true_lift_of_a_simulated_experiment(effect: float) -> None:
+    rng = random.Random(3)
+    rows = []
+    for _ in range(4000):
+        group = "control" if rng.random() < 0.2 else "treatment"
+        rate = 0.4 + (effect if group == "treatment" else 0.0)
+        rows.append(("stalled_step", group, rng.random() < rate))
+    (result,) = lift(rows)
+    low, high = result.interval()
+    assert low < effect < high
+    assert (low > 0) == (effect > 0)  # a real effect of 15 points is detected, none is not invented
