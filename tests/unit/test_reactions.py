@@ -178,3 +178,35 @@ async def test_timer_replay_after_a_crash_sends_the_same_trigger(crash_after: st
     ids = [t["trigger_id"] for t in sent(first, TRIGGERS) + sent(second, TRIGGERS)]
     assert len(set(ids)) == 1
     assert len(ids) == (2 if crash_after == "write" else 1)
+
+
+def _validator(name: str) -> Any:
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from stream_app.paths import SCHEMAS_DIR
+
+    return Draft202012Validator(json.loads((SCHEMAS_DIR / name).read_text()))
+
+
+async def test_messages_match_their_published_schemas() -> None:
+    store = InMemoryProfileStore()
+    p = processor(store, context(stalled_step={"holdout": 0.5}))
+    out = await process(
+        p,
+        records(
+            start(uid="a"),
+            start(uid="b", mid="s2"),
+            track("Onboarding Completed", "oc", uid="a", at=3, flow="signup"),
+        ),
+    )
+    fired = await fire(p, [("b", T0 + 120_000)], T0 + 130_000)
+    messages = out.outbox + fired.outbox
+    triggers = _validator("onboarding.triggers.schema.json")
+    segments = _validator("onboarding.segments.schema.json")
+    kinds = set()
+    for m in messages:
+        (segments if m["to"] == SEGMENTS else triggers).validate(m["value"])
+        kinds.add(m["to"])
+    assert kinds >= {SEGMENTS, TRIGGERS} or kinds >= {SEGMENTS, HOLDOUT}
