@@ -1,0 +1,306 @@
+"""Online clustering of users with stable, named cluster ids. No I/O, no clock reads.
+
+* :func:`features` turns a profile into a small vector (onboarding progress, time on
+  steps relative to each step's average, help, sessions, features, velocity, device).
+* :class:`Trainer` keeps a river ``StandardScaler`` and a river ``KMeans``; it is seeded
+  with k-means++ on the first samples (river's random initial centres otherwise make
+  the result depend on luck), then learns online with a small ``halflife``.
+* A :class:`Snapshot` is what every worker uses to assign: scaler statistics and
+  centroids as JSON (never pickle), versioned. Each new snapshot's centroids are
+  matched to the previous snapshot's ids (Hungarian assignment on centroid distance),
+  so the same behaviour keeps its id across retraining, restarts and workers.
+* :func:`choose_cluster` adds hysteresis: a user's stored cluster changes only when
+  another centroid is clearly closer.
+* Names come from the centroids (quick adopters, steady, passive, struggling).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from river import cluster, preprocessing
+from scipy.optimize import linear_sum_assignment
+
+from stream_app.profile import Profile
+
+DAY_MS = 86_400_000
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "onboarding_done",  # 1 if a flow is completed
+    "steps_completed",  # log1p
+    "relative_step_time",  # mean log2(duration / step mean) over completed steps
+    "help_views",  # log1p
+    "sessions",  # log1p
+    "features_used",  # log1p of distinct features
+    "velocity",  # log1p(events per active day)
+    "mobile",  # 1 on a phone or tablet
+)
+
+#: Weight of each feature in the distance (after standardization). The device class says
+#: little about behaviour and would split clusters by phone vs desktop at full weight.
+FEATURE_WEIGHTS: tuple[float, ...] = (0.3, 0.3, 1.0, 1.0, 1.0, 1.0, 0.5, 0.25)
+
+#: How each name scores a centroid (z-scores per feature); names are assigned one-to-one.
+NAME_PROFILES: dict[str, dict[str, float]] = {
+    "quick adopters": {"features_used": 1, "sessions": 1, "relative_step_time": -1, "onboarding_done": 0.5},
+    "struggling": {"help_views": 1.5, "relative_step_time": 1, "onboarding_done": -0.3},
+    "passive": {"sessions": -1, "features_used": -1, "steps_completed": -1, "onboarding_done": -1},
+    "steady": {},  # scored by closeness to the average user
+}
+
+
+def features(doc: Profile, step_means: Mapping[str, float] | None = None) -> list[float]:
+    """The feature vector of a profile; finite for any document, including an empty one."""
+    means = step_means or {}
+    flows: dict[str, Any] = doc.get("onboarding") or {}
+    done = any(f.get("status") == "completed" for f in flows.values())
+    ratios: list[float] = []
+    completed = 0
+    for flow, state in flows.items():
+        for step, info in (state.get("completed_steps") or {}).items():
+            completed += 1
+            duration = info.get("duration_s")
+            mean = means.get(f"{flow}|{step}")
+            if duration is not None and mean:
+                ratios.append(math.log2(max(duration, 0.1) / max(mean, 0.1)))
+    first, last = doc.get("first_seen_ms"), doc.get("last_seen_ms")
+    active_days = max(1.0, ((last or 0) - (first or 0)) / DAY_MS) if first is not None else 1.0
+    device = (doc.get("device") or {}).get("type")
+    vector = [
+        1.0 if done else 0.0,
+        math.log1p(completed),
+        sum(ratios) / len(ratios) if ratios else 0.0,
+        math.log1p(sum((doc.get("help_views") or {}).values())),
+        math.log1p((doc.get("sessions") or {}).get("count", 0)),
+        math.log1p(len(doc.get("features") or {})),
+        math.log1p(doc.get("event_count", 0) / active_days),
+        1.0 if device in ("mobile", "tablet") else 0.0,
+    ]
+    return [v if math.isfinite(v) else 0.0 for v in vector]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    created_ms: int
+    means: list[float]
+    stds: list[float]
+    centroids: dict[str, list[float]]  # scaled space, by stable id
+    names: dict[str, str]
+    samples: int
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+    next_id: int = 1
+
+    def scale(self, x: Sequence[float]) -> list[float]:
+        return [
+            w * (v - m) / s if s > 0 else 0.0
+            for v, m, s, w in zip(x, self.means, self.stds, FEATURE_WEIGHTS, strict=True)
+        ]
+
+    def distances(self, x: Sequence[float]) -> dict[str, float]:
+        z = self.scale(x)
+        return {cid: math.dist(z, c) for cid, c in self.centroids.items()}
+
+    def nearest(self, x: Sequence[float]) -> str:
+        d = self.distances(x)
+        return min(d, key=d.__getitem__)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "version": self.version,
+                "created_ms": self.created_ms,
+                "means": self.means,
+                "stds": self.stds,
+                "centroids": self.centroids,
+                "names": self.names,
+                "samples": self.samples,
+                "feature_names": list(self.feature_names),
+                "next_id": self.next_id,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Snapshot:
+        d = orjson.loads(raw)
+        return cls(
+            d["version"],
+            d["created_ms"],
+            d["means"],
+            d["stds"],
+            d["centroids"],
+            d["names"],
+            d["samples"],
+            tuple(d["feature_names"]),
+            d["next_id"],
+        )
+
+
+def _unscale(z: Sequence[float], means: Sequence[float], stds: Sequence[float]) -> list[float]:
+    return [v / w * s + m for v, w, s, m in zip(z, FEATURE_WEIGHTS, stds, means, strict=True)]
+
+
+def choose_cluster(current: str | None, distances: Mapping[str, float], margin: float = 0.2) -> str:
+    """Keep ``current`` unless it vanished or another centroid is closer by more than ``margin``."""
+    best = min(distances, key=distances.__getitem__)
+    if current is None or current not in distances or best == current:
+        return best
+    return best if distances[best] < (1 - margin) * distances[current] else current
+
+
+def name_clusters(centroids: Mapping[str, Sequence[float]]) -> dict[str, str]:
+    """Unique human-readable names: the best one-to-one match of centroids and name profiles."""
+    ids = sorted(centroids)
+    names = list(NAME_PROFILES)
+    score = np.zeros((len(ids), len(names)))
+    for i, cid in enumerate(ids):
+        z = dict(zip(FEATURE_NAMES, centroids[cid], strict=True))
+        for j, name in enumerate(names):
+            weights = NAME_PROFILES[name]
+            if weights:
+                score[i, j] = sum(w * z[f] for f, w in weights.items())
+            else:
+                score[i, j] = -math.sqrt(sum(v * v for v in centroids[cid])) + 1.0
+    rows, cols = linear_sum_assignment(-score)
+    out = {cid: f"cluster {cid}" for cid in ids}
+    for r, c in zip(rows, cols, strict=True):
+        out[ids[r]] = names[c]
+    return out
+
+
+@dataclass
+class Trainer:
+    """A river StandardScaler + KMeans, restorable from a snapshot on any worker."""
+
+    k: int = 4
+    seed: int = 7
+    halflife: float = 0.02
+    scaler: preprocessing.StandardScaler = field(default_factory=preprocessing.StandardScaler)
+    kmeans: cluster.KMeans | None = None
+    seen: int = 0
+    seeding: list[list[float]] = field(default_factory=list)  # raw vectors until k-means++ init
+    min_seed: int = 200
+
+    def _dict(self, x: Sequence[float]) -> dict[str, float]:
+        return dict(zip(FEATURE_NAMES, x, strict=True))
+
+    def _scaled(self, x: Sequence[float]) -> dict[str, float]:
+        z = self.scaler.transform_one(self._dict(x))
+        return {f: w * z[f] for f, w in zip(FEATURE_NAMES, FEATURE_WEIGHTS, strict=True)}
+
+    def learn(self, vectors: Iterable[Sequence[float]]) -> None:
+        for x in vectors:
+            self.seen += 1
+            self.scaler.learn_one(self._dict(x))
+            if self.kmeans is None:
+                self.seeding.append(list(x))
+                if len(self.seeding) >= self.min_seed:
+                    self._init_centres()
+                continue
+            self.kmeans.learn_one(self._scaled(x))
+
+    @property
+    def ready(self) -> bool:
+        return self.kmeans is not None
+
+    def _init_centres(self, restarts: int = 8) -> None:
+        """k-means++ with several restarts on the buffered samples; the lowest inertia wins."""
+        rng = random.Random(self.seed)
+        pts = np.array([[self._scaled(x)[f] for f in FEATURE_NAMES] for x in self.seeding])
+        best: tuple[float, np.ndarray] | None = None
+        for _ in range(restarts):
+            centres = [pts[rng.randrange(len(pts))]]
+            for _ in range(1, self.k):
+                d2 = np.min([np.sum((pts - c) ** 2, axis=1) for c in centres], axis=0)
+                total = float(d2.sum())
+                pick = rng.random() * total
+                centres.append(pts[min(len(pts) - 1, int(np.searchsorted(np.cumsum(d2), pick)))])
+            c = np.array(centres)
+            for _ in range(30):  # Lloyd refinement
+                labels = np.argmin(((pts[:, None, :] - c[None, :, :]) ** 2).sum(axis=2), axis=1)
+                c = np.array([pts[labels == i].mean(axis=0) if np.any(labels == i) else c[i] for i in range(self.k)])
+            inertia = float(np.min(((pts[:, None, :] - c[None, :, :]) ** 2).sum(axis=2), axis=1).sum())
+            if best is None or inertia < best[0]:
+                best = (inertia, c)
+        assert best is not None
+        self.kmeans = cluster.KMeans(n_clusters=self.k, halflife=self.halflife, seed=self.seed)
+        for i in range(self.k):
+            for j, f in enumerate(FEATURE_NAMES):
+                self.kmeans.centers[i][f] = float(best[1][i, j])
+        self.seeding = []
+
+    def snapshot(self, previous: Snapshot | None, version: int, now_ms: int) -> Snapshot:
+        """Export, keeping the ids of ``previous`` for the centroids that match its ones."""
+        if self.kmeans is None:
+            raise ValueError("not enough samples to cluster yet")
+        means = [float(self.scaler.means.get(f, 0.0)) for f in FEATURE_NAMES]
+        stds = [math.sqrt(float(self.scaler.vars.get(f, 0.0))) for f in FEATURE_NAMES]
+        raw = [[float(self.kmeans.centers[i].get(f, 0.0)) for f in FEATURE_NAMES] for i in range(self.k)]
+        ids: list[str | None] = [None] * self.k
+        next_id = previous.next_id if previous else 1
+        if previous is not None and previous.centroids:
+            old_ids = sorted(previous.centroids)
+            # compare in the original feature space: the scaler may have moved between snapshots
+            new_orig = [_unscale(c, means, stds) for c in raw]
+            old_orig = [_unscale(previous.centroids[o], previous.means, previous.stds) for o in old_ids]
+            cost = np.array([[math.dist(n, o) for o in old_orig] for n in new_orig])
+            for r, c in zip(*linear_sum_assignment(cost), strict=True):
+                ids[r] = old_ids[c]
+        for i in range(self.k):
+            if ids[i] is None:
+                ids[i] = f"c{next_id}"
+                next_id += 1
+        centroids = {str(cid): raw[i] for i, cid in enumerate(ids)}
+        return Snapshot(version, now_ms, means, stds, centroids, name_clusters(centroids), self.seen, next_id=next_id)
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, seed: int = 7, halflife: float = 0.02) -> Trainer:
+        """Continue training where a snapshot left off (another worker, after a restart)."""
+        t = cls(k=len(snap.centroids), seed=seed, halflife=halflife)
+        for f, m, s in zip(FEATURE_NAMES, snap.means, snap.stds, strict=True):
+            t.scaler.counts[f] = snap.samples
+            t.scaler.means[f] = m
+            t.scaler.vars[f] = s * s
+        t.kmeans = cluster.KMeans(n_clusters=t.k, halflife=halflife, seed=seed)
+        for i, cid in enumerate(sorted(snap.centroids)):  # ids are re-matched by snapshot()
+            for j, f in enumerate(FEATURE_NAMES):
+                t.kmeans.centers[i][f] = snap.centroids[cid][j]
+        t.seen = snap.samples
+        return t
+
+
+def adjusted_rand_index(truth: Sequence[Any], found: Sequence[Any]) -> float:
+    """ARI of two labelings (Hubert & Arabie), from the contingency table."""
+    n = len(truth)
+    pairs: dict[tuple[Any, Any], int] = {}
+    for a, b in zip(truth, found, strict=True):
+        pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    rows: dict[Any, int] = {}
+    cols: dict[Any, int] = {}
+    for (a, b), c in pairs.items():
+        rows[a] = rows.get(a, 0) + c
+        cols[b] = cols.get(b, 0) + c
+
+    def comb2(x: int) -> float:
+        return x * (x - 1) / 2
+
+    index = sum(comb2(c) for c in pairs.values())
+    sum_rows = sum(comb2(c) for c in rows.values())
+    sum_cols = sum(comb2(c) for c in cols.values())
+    expected = sum_rows * sum_cols / comb2(n) if n > 1 else 0.0
+    maximum = (sum_rows + sum_cols) / 2
+    return 1.0 if maximum == expected else (index - expected) / (maximum - expected)
+
+
+def purity(truth: Sequence[Any], found: Sequence[Any]) -> float:
+    by_cluster: dict[Any, dict[Any, int]] = {}
+    for a, b in zip(truth, found, strict=True):
+        by_cluster.setdefault(b, {}).setdefault(a, 0)
+        by_cluster[b][a] += 1
+    return sum(max(c.values()) for c in by_cluster.values()) / max(1, len(truth))
