@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
+import socket
 import ssl
 import time
+import uuid
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,11 +32,13 @@ from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
+from stream_app.segments.cluster_model import Snapshot, Trainer, choose_cluster, features
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings
 from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
 from stream_app.store.keys import Keys
+from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 from stream_app.topics import TopicSpec, load_topics
@@ -115,6 +122,17 @@ class Runtime:
             else InMemoryDeadlineStore()
         )
         self.trigger_config = trigger_config(settings)
+        self.models: ClusterModelStore = (
+            RedisClusterModelStore(self.redis, self.keys)
+            if self.redis is not None
+            else InMemoryClusterModelStore()
+        )
+        self.snapshot: Snapshot | None = None
+        self.snapshot_checked_at = 0.0
+        self.sizes_read_at = 0.0
+        self.step_means: dict[str, float] = {}
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.rng = random.Random()
         try:
             self.segments = load_segments(
                 settings.segments_file or CONFIG_DIR / "segments.toml", settings.segments_max
@@ -147,16 +165,102 @@ class Runtime:
         await self.step_stats.add(durations)
 
     def reaction_context(self) -> ReactionContext:
-        return ReactionContext(self.segments, self.trigger_config, self.profile_rules, self.baselines)
+        assign = self.assign_cluster if self.settings.cluster_enabled else None
+        return ReactionContext(self.segments, self.trigger_config, self.profile_rules, self.baselines, assign)
+
+    def assign_cluster(
+        self, doc: Profile, now_ms: int, current: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The user's cluster under the shared model, with hysteresis against the stored one."""
+        snap = self.snapshot
+        if snap is None:
+            return (dict(current) if current else None), ""
+        distances = snap.distances(features(doc, self.step_means))
+        cid = choose_cluster(current.get("id") if current else None, distances, self.settings.cluster_margin)
+        reason = f"nearest centroid of model v{snap.version} (distance {distances[cid]:.2f})"
+        return {"id": cid, "name": snap.names[cid], "model_version": snap.version}, reason
+
+    async def refresh_model(self, force: bool = False) -> None:
+        """Pick up a newer shared cluster model (checked at most every BASELINE_REFRESH_SECONDS)."""
+        if not self.settings.cluster_enabled:
+            return
+        if not force and time.monotonic() - self.snapshot_checked_at < self.settings.baseline_refresh_seconds:
+            return
+        self.snapshot_checked_at = time.monotonic()
+        version = await self.models.version()
+        if version and (self.snapshot is None or self.snapshot.version != version):
+            self.snapshot = await self.models.latest()
+            self.metrics.cluster_model_version.set(version)
+
+    async def train_once(self, batch: int = 5000) -> Snapshot | None:
+        """If this worker holds the training lease: learn from queued samples, publish the next snapshot."""
+        s = self.settings
+        ttl_ms = int(3 * s.cluster_train_interval_seconds * 1000)
+        if not s.cluster_enabled or not await self.models.acquire_lease(self.worker_id, ttl_ms):
+            return None
+        latest = await self.models.latest()
+        if latest is None:
+            if await self.models.queued() < s.cluster_min_samples:
+                return None
+            trainer = Trainer(k=s.cluster_k, halflife=s.cluster_halflife, min_seed=s.cluster_min_samples)
+        else:
+            trainer = Trainer.from_snapshot(latest, halflife=s.cluster_halflife)
+        samples = await self.models.take_samples(batch)
+        if not samples:
+            return None
+        trainer.learn(samples)
+        if not trainer.ready:
+            return None
+        snap = trainer.snapshot(latest, (latest.version if latest else 0) + 1, int(time.time() * 1000))
+        if not await self.models.publish(snap):
+            return None
+        log.info(
+            "cluster model published",
+            extra={"version": snap.version, "samples": snap.samples, "clusters": snap.names},
+        )
+        await self.refresh_model(force=True)
+        return snap
+
+    async def _queue_samples(self, outcome: BatchOutcome) -> None:
+        n = self.settings.cluster_samples_per_batch
+        if not self.settings.cluster_enabled or n <= 0 or not outcome.profiles:
+            return
+        docs = [
+            d for d in outcome.profiles.values() if d.get("consent", {}).get("personalization") is not False
+        ]
+        picked = self.rng.sample(docs, min(n, len(docs)))
+        await self.models.add_samples([features(d, self.step_means) for d in picked], cap=50_000)
+
+    async def refresh_sizes(self, force: bool = False) -> None:
+        if self.redis is None:
+            return
+        if not force and time.monotonic() - self.sizes_read_at < self.settings.baseline_refresh_seconds:
+            return
+        self.sizes_read_at = time.monotonic()
+        raw = await self.redis.hgetall(self.keys.segment_sizes())
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            source, _, segment = name.partition(":")
+            self.metrics.segment_members.labels(source, segment).set(max(0, int(value)))
+
+    async def _count_sizes(self, deltas: Mapping[str, int]) -> None:
+        if self.redis is None or not deltas:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, delta in deltas.items():
+            if delta:
+                pipe.hincrby(self.keys.segment_sizes(), key, delta)
+        await pipe.execute()
 
     async def refresh_baselines(self, force: bool = False) -> None:
         """Re-read step statistics (stall thresholds) at most every BASELINE_REFRESH_SECONDS."""
         if not force and time.monotonic() - self.baselines_read_at < self.settings.baseline_refresh_seconds:
             return
-        self.baselines = {
-            (s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in await self.step_stats.all()
-        }
+        stats = await self.step_stats.all()
+        self.baselines = {(s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in stats}
+        self.step_means = {f"{s.flow}|{s.step}": s.mean_s for s in stats if not s.group}
         self.baselines_read_at = time.monotonic()
+        await self.refresh_model()
 
     async def _forget_deadlines(self, profile_ids: list[str]) -> None:
         await self.deadlines.remove_users(profile_ids, range(self.topics["events"].partitions))
@@ -204,6 +308,8 @@ class Runtime:
         outcome = await self.processor.process(records)
         await self.publish_dead_letters(outcome)
         await self.publish_outbox(outcome)
+        await self._count_sizes(outcome.size_deltas)
+        await self._queue_samples(outcome)
         for partition, entries in outcome.deadlines.items():
             await self.deadlines.schedule(partition, entries)
         wall_ms = int(time.time() * 1000)
@@ -281,9 +387,11 @@ class Runtime:
                     await self.refresh_baselines()
                     outcome = await self.processor.fire(partition, due, wm)
                     await self.publish_outbox(outcome)
+                    await self._count_sizes(outcome.size_deltas)
                     await self.deadlines.settle(partition, outcome.settled)
                     looked += len(due)
             pending += await self.deadlines.pending(partition)
+        await self.refresh_sizes()
         self.metrics.deadlines_fired.inc(looked)
         self.metrics.deadlines_pending.set(pending)
         self.metrics.watermark_lag.set(worst_lag)
@@ -464,6 +572,18 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
         return position is not None and position >= highwater
 
     runtime.caught_up = caught_up
+
+    @app.timer(interval=settings.cluster_train_interval_seconds)
+    async def _train_clusters() -> None:
+        if not runtime.ready or not settings.cluster_enabled:
+            return
+        try:
+            await runtime.train_once()
+        except (RedisError, OSError) as exc:
+            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            log.warning(
+                "cluster training pass failed; retried next interval", extra={"error": repr(exc)[:300]}
+            )
 
     @app.timer(interval=settings.timer_interval_seconds)
     async def _fire_deadlines() -> None:

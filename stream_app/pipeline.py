@@ -90,6 +90,7 @@ class BatchOutcome:
     settled: list[tuple[str, int, int | None]] = field(default_factory=list)  # timer: (user, read, next)
     suppressed: list[tuple[str, str]] = field(default_factory=list)
     cluster_moves: int = 0
+    size_deltas: dict[str, int] = field(default_factory=dict)  # "rule:<segment>" / "cluster:<name>" -> +-n
 
 
 class EventProcessor:
@@ -184,8 +185,14 @@ class EventProcessor:
         outcome.suppressed.extend(reaction.suppressed)
         for m in reaction.outbox:
             value = m["value"]
-            if value.get("source") == "cluster" and value.get("change") == "exited":
+            if "change" not in value:
+                continue
+            if value["source"] == "cluster" and value["change"] == "exited":
                 outcome.cluster_moves += 1
+            key = f"{value['source']}:{value['segment']}"
+            outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) + (
+                1 if value["change"] == "entered" else -1
+            )
 
     async def fire(self, partition: int, due: Sequence[tuple[str, int]], now_ms: int) -> BatchOutcome:
         """The timer: react to the passage of time for users whose deadline (score) is due.
@@ -422,6 +429,12 @@ class EventProcessor:
             all_ids.append(pid)
             if doc is not None and not is_tombstone(doc):
                 all_ids.extend(doc.get("merged_from", []))
+                engine = doc.get("engine") or {}
+                left = [f"rule:{s}" for s in engine.get("segments", [])]
+                if engine.get("cluster"):
+                    left.append(f"cluster:{engine['cluster']['name']}")
+                for key in left:  # memberships end with the user
+                    outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) - 1
         for pid in all_ids:
             self.cache.pop(pid, None)
         gone = set(all_ids)

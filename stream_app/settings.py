@@ -120,6 +120,23 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often step statistics are re-read for stall thresholds."
     )
 
+    # --- Clustering ----------------------------------------------------------------------------
+    cluster_enabled: bool = Field(True, description="Assign users to behaviour clusters (river KMeans).")
+    cluster_k: int = Field(4, ge=2, le=20, description="Number of clusters.")
+    cluster_min_samples: int = Field(200, ge=10, description="Samples needed before the first model.")
+    cluster_train_interval_seconds: float = Field(
+        10.0, gt=0, description="How often the worker holding the training lease trains and publishes."
+    )
+    cluster_samples_per_batch: int = Field(
+        100, ge=0, description="Profiles per batch whose features are queued for training."
+    )
+    cluster_margin: float = Field(
+        0.2, ge=0, lt=1, description="Hysteresis: another centroid must be this much closer to move a user."
+    )
+    cluster_halflife: float = Field(
+        0.02, gt=0, le=1, description="river KMeans halflife (step of online updates)."
+    )
+
     # --- Logging ------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -224,7 +224,9 @@ class Trainer:
             c = np.array(centres)
             for _ in range(30):  # Lloyd refinement
                 labels = np.argmin(((pts[:, None, :] - c[None, :, :]) ** 2).sum(axis=2), axis=1)
-                c = np.array([pts[labels == i].mean(axis=0) if np.any(labels == i) else c[i] for i in range(self.k)])
+                c = np.array(
+                    [pts[labels == i].mean(axis=0) if np.any(labels == i) else c[i] for i in range(self.k)]
+                )
             inertia = float(np.min(((pts[:, None, :] - c[None, :, :]) ** 2).sum(axis=2), axis=1).sum())
             if best is None or inertia < best[0]:
                 best = (inertia, c)
@@ -257,7 +259,9 @@ class Trainer:
                 ids[i] = f"c{next_id}"
                 next_id += 1
         centroids = {str(cid): raw[i] for i, cid in enumerate(ids)}
-        return Snapshot(version, now_ms, means, stds, centroids, name_clusters(centroids), self.seen, next_id=next_id)
+        return Snapshot(
+            version, now_ms, means, stds, centroids, name_clusters(centroids), self.seen, next_id=next_id
+        )
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, seed: int = 7, halflife: float = 0.02) -> Trainer:

@@ -35,6 +35,11 @@ class Population:
 
 def simulate(users: int, seed: int) -> Population:
     """``users`` synthetic users run through the pipeline; their final profiles and step means."""
+    return asyncio.run(build(users, seed))
+
+
+async def build(users: int, seed: int) -> Population:
+    """:func:`simulate` for callers already inside an event loop."""
     sim = generate_users(users, seed)
     store = InMemoryProfileStore()
     durations: dict[str, list[float]] = {}
@@ -43,17 +48,13 @@ def simulate(users: int, seed: int) -> Population:
         for d in batch:
             durations.setdefault(f"{d.flow}|{d.step}", []).append(d.duration_s)
 
-    processor = EventProcessor(store, ContractRules(pii_salt=b"q"), ProfileRules(), Metrics(), step_stats=stats)
+    processor = EventProcessor(
+        store, ContractRules(pii_salt=b"q"), ProfileRules(), Metrics(), step_stats=stats
+    )
     stream = list(interleaved_stream(sim, T0, seed))
-    records = [
-        Record(orjson.dumps(e), record_key(e), "sim", 0, i, None) for i, e in enumerate(stream)
-    ]
-
-    async def run() -> None:
-        for i in range(0, len(records), 2000):
-            await processor.process(records[i : i + 2000])
-
-    asyncio.run(run())
+    records = [Record(orjson.dumps(e), record_key(e), "sim", 0, i, None) for i, e in enumerate(stream)]
+    for i in range(0, len(records), 2000):
+        await processor.process(records[i : i + 2000])
     docs, ids, kinds = [], [], []
     for user in sim:
         raw = store.profiles.get(user.user_id)

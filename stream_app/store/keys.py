@@ -64,3 +64,12 @@ class Keys:
     def watermark(self, topic: str, partition: int) -> str:
         """Hash ``ts`` (max event time seen) and ``at`` (wall clock then) of one input partition."""
         return f"{self.prefix}:watermark:{{{hash_tag(f'{topic}#{partition}')}}}"
+
+    def cluster_model(self, kind: str) -> str:
+        """The shared cluster model: ``model`` (hash version/snapshot), ``history`` (list),
+        ``samples`` (list of feature vectors), ``lease`` (who trains). One tag, one slot."""
+        return f"{self.prefix}:cluster-{kind}:{{cluster-model}}"
+
+    def segment_sizes(self) -> str:
+        """Hash ``rule:<name>`` / ``cluster:<id>`` -> members (approximate; see README)."""
+        return f"{self.prefix}:segment-sizes"

@@ -1,0 +1,74 @@
+"""One shared model across workers and restarts, through a real Redis.
+
+Two runtimes stand for two workers owning different partitions; a third is a restart.
+They must agree on every user's cluster id, and a model retrained by another worker
+must keep the ids of the same behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stream_app.app import Runtime
+from stream_app.segments.quality import build
+from stream_app.settings import Settings
+
+
+@pytest.fixture
+async def runtimes(redis_url: str) -> AsyncIterator[list[Runtime]]:
+    settings = Settings.load(
+        redis_url=redis_url,
+        kafka_bootstrap_servers="unused:1",
+        redis_key_prefix=f"cl{uuid.uuid4().hex[:6]}",
+        cluster_train_interval_seconds=0.1,  # lease of 0.3 s
+        cluster_min_samples=200,
+    )
+    made = [Runtime(settings) for _ in range(3)]
+    yield made
+    for r in made:
+        await r.close()
+
+
+def stored_cluster(runtime: Runtime, doc: dict[str, object]) -> str | None:
+    cluster, _reason = runtime.assign_cluster(doc, 0, None)
+    return cluster["id"] if cluster else None
+
+
+async def test_workers_and_a_restart_share_one_model_and_its_ids(runtimes: list[Runtime]) -> None:
+    first, second, restarted = runtimes
+    train, held_out = await build(600, 11), await build(300, 12)
+    await first.models.add_samples(train.vectors(), cap=50_000)
+    assert await second.train_once() is not None or await first.train_once() is not None
+    for r in runtimes:
+        await r.refresh_model(force=True)
+    assert first.snapshot == second.snapshot == restarted.snapshot and first.snapshot is not None
+    ids = {r.worker_id: [stored_cluster(r, d) for d in held_out.docs] for r in runtimes}
+    assert len({tuple(v) for v in ids.values()}) == 1  # every worker says the same for every user
+
+
+async def test_a_model_retrained_by_another_worker_keeps_the_ids(runtimes: list[Runtime]) -> None:
+    first, second, _ = runtimes
+    await first.models.add_samples((await build(600, 21)).vectors(), cap=50_000)
+    v1 = await first.train_once()
+    assert v1 is not None
+    held_out = await build(300, 22)
+    before = {}
+    for doc in held_out.docs:
+        cluster, _ = first.assign_cluster(doc, 0, None)
+        assert cluster is not None
+        before[doc["user_id"]] = cluster
+    await second.models.add_samples((await build(600, 23)).vectors(), cap=50_000)
+    assert await first.models.acquire_lease(first.worker_id, 300)  # the first worker is alive
+    assert await second.train_once() is None  # ... and holds the lease
+    await asyncio.sleep(0.4)  # ... until it lapses (the first worker died)
+    v2 = await second.train_once()
+    assert v2 is not None and v2.version == v1.version + 1
+    kept = 0
+    for doc in held_out.docs:
+        cluster, _ = second.assign_cluster(doc, 0, before[doc["user_id"]])  # stored cluster + hysteresis
+        kept += cluster is not None and cluster["id"] == before[doc["user_id"]]["id"]
+    assert kept / len(held_out.docs) >= 0.95
