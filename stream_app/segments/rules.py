@@ -18,6 +18,7 @@ is false, never an error: evaluation cannot raise on any profile.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -473,13 +474,29 @@ class SegmentSet:
     def next_change_ms(self, doc: Mapping[str, Any], now_ms: int) -> int | None:
         """The next instant after ``now_ms`` at which a time-relative condition can flip with no event."""
         first, last = doc.get("first_seen_ms"), doc.get("last_seen_ms")
+        first_offsets, last_offsets, sessions = self._anchors
         candidates: list[int] = []
+        if first is not None:
+            candidates.extend(first + off for off in first_offsets)
+        if last is not None:
+            candidates.extend(last + off for off in last_offsets)
+        if sessions:
+            candidates.extend(t + 7 * DAY_MS + 1 for t in doc.get("sessions", {}).get("recent_ms", []))
+        future = [c for c in candidates if c > now_ms]
+        return min(future) if future else None
+
+    @functools.cached_property
+    def _anchors(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        """Offsets (ms) after first / last seen at which some rule can flip, computed once from the rules."""
+        first: set[int] = set()
+        last: set[int] = set()
+        sessions = False
         for d in self.order:
             for node in _walk(d.rule):
-                if isinstance(node, Call) and node.name == "signed_up_within" and first is not None:
-                    candidates.append(first + node.args[0].ms + 1)  # type: ignore[union-attr]
-                elif isinstance(node, Call) and node.name == "last_seen_more_than" and last is not None:
-                    candidates.append(last + node.args[0].ms + 1)  # type: ignore[union-attr]
+                if isinstance(node, Call) and node.name == "signed_up_within":
+                    first.add(node.args[0].ms + 1)  # type: ignore[union-attr]
+                elif isinstance(node, Call) and node.name == "last_seen_more_than":
+                    last.add(node.args[0].ms + 1)  # type: ignore[union-attr]
                 elif isinstance(node, Compare | Between):
                     names = [n.name for n in _walk(node) if isinstance(n, Name)]
                     bounds = [
@@ -489,16 +506,14 @@ class SegmentSet:
                         and isinstance(n.value, int | float)
                         and not isinstance(n.value, bool)
                     ]
-                    for base, fact in ((first, "days_since_signup"), (last, "days_since_last_seen")):
-                        if fact in names and base is not None:
-                            candidates.extend(int(base + b * DAY_MS) + 1 for b in bounds)
+                    if "days_since_signup" in names:
+                        first.update(int(b * DAY_MS) + 1 for b in bounds)
+                    if "days_since_last_seen" in names:
+                        last.update(int(b * DAY_MS) + 1 for b in bounds)
                     if "sessions_per_week" in names or "lifecycle" in names:
-                        recent = doc.get("sessions", {}).get("recent_ms", [])
-                        candidates.extend(t + 7 * DAY_MS + 1 for t in recent)
-                        if last is not None:
-                            candidates.extend(last + days * DAY_MS + 1 for days in (30, 90))
-        future = [c for c in candidates if c > now_ms]
-        return min(future) if future else None
+                        sessions = True
+                        last.update(days * DAY_MS + 1 for days in (30, 90))
+        return tuple(sorted(first)), tuple(sorted(last)), sessions
 
 
 def load_segments(path: Path, max_segments: int = DEFAULT_MAX_SEGMENTS) -> SegmentSet:

