@@ -27,6 +27,8 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/clustering.py
+	$(BIN)/python bench/triggers.py
 
 clean:
 	rm -rf $(VENV) .stream-app .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -66,13 +66,13 @@ def tail_consumer(bootstrap: str, topic: str) -> Consumer:
     return consumer
 
 
-def collect(consumer: Consumer, expected: int, timeout: float) -> list[tuple[float, dict[str, Any]]]:
-    got: list[tuple[float, dict[str, Any]]] = []
+def collect(consumer: Consumer, expected: int, timeout: float, parse: bool = True) -> list[tuple[float, Any]]:
+    got: list[tuple[float, Any]] = []
     deadline = time.monotonic() + timeout
     while len(got) < expected and time.monotonic() < deadline:
         msg = consumer.poll(0.1)
         if msg is not None and not msg.error():
-            got.append((time.time(), orjson.loads(msg.value())))
+            got.append((time.time(), orjson.loads(msg.value()) if parse else None))
     return got
 
 
@@ -135,7 +135,7 @@ def baseline(bootstrap: str, n: int, size: int) -> float:
         producer.produce(topic, key=str(i).encode(), value=payload)
         producer.poll(0)
     producer.flush(30)
-    got = collect(consumer, n, 60)
+    got = collect(consumer, n, 60, parse=False)
     consumer.close()
     return len(got) / max(1e-9, max(r for r, _ in got) - t0)
 

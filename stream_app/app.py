@@ -154,6 +154,9 @@ class Runtime:
         # One batch or one timer pass at a time: both write profiles and the deadline index.
         self.lock = asyncio.Lock()
         self.next_offsets: dict[int, int] = {}  # events partition -> next offset to process
+        #: watermarks of owned partitions as last written (only the owner advances them)
+        self.marks: dict[int, tuple[int, int]] = {}
+        self.pending_read_at = 0.0
         #: partition -> True when this worker has read everything in it (set by create_app)
         self.caught_up: Any = None
         self.dlq_topic: Any = None  # set by the agent module
@@ -310,14 +313,14 @@ class Runtime:
         await self.publish_outbox(outcome)
         await self._count_sizes(outcome.size_deltas)
         await self._queue_samples(outcome)
-        for partition, entries in outcome.deadlines.items():
-            await self.deadlines.schedule(partition, entries)
         wall_ms = int(time.time() * 1000)
         latest: dict[int, int] = {}
         for rec, ev in outcome.events:
             latest[rec.partition] = max(latest.get(rec.partition, ev.ts_ms), ev.ts_ms)
-        for partition, ts_ms in latest.items():
-            await self.deadlines.advance_watermark(partition, ts_ms, wall_ms)
+        advanced = {p: ts for p, ts in latest.items() if ts > self.marks.get(p, (-1, 0))[0]}
+        await self.deadlines.record_batch(outcome.deadlines, advanced, wall_ms)
+        for partition, ts_ms in advanced.items():
+            self.marks[partition] = (ts_ms, wall_ms)
         for rec in records:
             self.next_offsets[rec.partition] = max(self.next_offsets.get(rec.partition, 0), rec.offset + 1)
         return outcome
@@ -360,9 +363,12 @@ class Runtime:
         read it advances only with the events, so completions still unread in the backlog
         cannot be missed by a stall that fires too early.
         """
-        mark = await self.deadlines.watermark(partition)
-        if mark is None:
-            return None
+        mark = self.marks.get(partition)
+        if mark is None:  # not read since this worker got the partition
+            mark = await self.deadlines.watermark(partition)
+            if mark is None:
+                return None
+            self.marks[partition] = mark
         event_ms, seen_wall_ms = mark
         wm = event_ms - self.trigger_config.allowed_lateness_ms
         if self.caught_up is not None and await self.caught_up(partition):
@@ -376,24 +382,29 @@ class Runtime:
         looked = 0
         pending = 0
         worst_lag = 0.0
+        marks: dict[int, int] = {}
         for partition in owned:
             wm = await self.watermark_ms(partition)
-            if wm is None:
-                continue
-            worst_lag = max(worst_lag, time.time() - wm / 1000)
-            async with self.lock:
-                due = await self.deadlines.due(partition, wm, limit)
-                if due:
-                    await self.refresh_baselines()
-                    outcome = await self.processor.fire(partition, due, wm)
-                    await self.publish_outbox(outcome)
-                    await self._count_sizes(outcome.size_deltas)
-                    await self.deadlines.settle(partition, outcome.settled)
-                    looked += len(due)
-            pending += await self.deadlines.pending(partition)
+            if wm is not None:
+                marks[partition] = wm
+                worst_lag = max(worst_lag, time.time() - wm / 1000)
+        async with self.lock:
+            # one round trip for every owned partition; the work only where something is due
+            due_by_partition = await self.deadlines.due_many(marks, limit)
+            for partition, due in due_by_partition.items():
+                await self.refresh_baselines()
+                outcome = await self.processor.fire(partition, due, marks[partition])
+                await self.publish_outbox(outcome)
+                await self._count_sizes(outcome.size_deltas)
+                await self.deadlines.settle(partition, outcome.settled)
+                looked += len(due)
+        if time.monotonic() - self.pending_read_at > self.settings.baseline_refresh_seconds:
+            self.pending_read_at = time.monotonic()
+            for partition in owned:
+                pending += await self.deadlines.pending(partition)
+            self.metrics.deadlines_pending.set(pending)
         await self.refresh_sizes()
         self.metrics.deadlines_fired.inc(looked)
-        self.metrics.deadlines_pending.set(pending)
         self.metrics.watermark_lag.set(worst_lag)
         return looked
 
@@ -600,6 +611,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode types receivers narrowly
     async def _assigned(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
         runtime.assigned = {(tp.topic, tp.partition) for tp in assigned}
+        runtime.marks.clear()  # re-read: another worker may have advanced them meanwhile
+        runtime.next_offsets.clear()
         events = sorted(p for t, p in runtime.assigned if t == runtime.topics["events"].name)
         log.info("partitions assigned", extra={"events_partitions": events})
 

@@ -100,6 +100,12 @@ class LiveStats:
     p99: float | None = None
     p50_all: float | None = None  # over the whole run
     p99_all: float | None = None
+    triggers: dict[str, int] = field(default_factory=dict)  # delivered, by type
+    held_out: int = 0
+    suppressed: int = 0  # cooldown, cap, consent, ... (not holdout)
+    segment_changes: int = 0
+    cluster_model: int = 0
+    timer_lag_p50: float | None = None
     observer_error: str = ""
     recent: deque[Activity] = field(default_factory=lambda: deque(maxlen=8))
     summaries: OrderedDict[str, str] = field(default_factory=OrderedDict)
@@ -120,7 +126,10 @@ class LiveStats:
             f"sent {self.sent} events (+{self.broken} deliberately broken records, {self.resent} re-sent "
             f"copies); applied {self.applied}; dead-lettered {self.invalid}; duplicates dropped "
             f"{self.duplicates}; {self.profiles} profiles; latency p50 {_ms(self.p50_all)}, "
-            f"p99 {_ms(self.p99_all)}"
+            f"p99 {_ms(self.p99_all)}; {sum(self.triggers.values())} triggers "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(self.triggers.items())) or 'none'}), "
+            f"{self.held_out} held out; {self.segment_changes} segment changes; "
+            f"cluster model v{self.cluster_model}"
         )
 
     def summary_line(self) -> str:
@@ -130,7 +139,9 @@ class LiveStats:
         return (
             f"summary: sent={self.sent} broken={self.broken} resent={self.resent} applied={self.applied} "
             f"dead_lettered={self.invalid} duplicates={self.duplicates} profiles={self.profiles} "
-            f"p50_ms={ms(self.p50_all)} p99_ms={ms(self.p99_all)}"
+            f"p50_ms={ms(self.p50_all)} p99_ms={ms(self.p99_all)} "
+            f"triggers={sum(self.triggers.values())} held_out={self.held_out} "
+            f"segment_changes={self.segment_changes} cluster_model={self.cluster_model}"
         )
 
 
@@ -466,6 +477,15 @@ class Observer:
             total(metrics, "onboarding_identity_merges_total", outcome="merged")
             + total(metrics, "onboarding_identity_merges_total", outcome="linked")
         )
+        s.triggers = {
+            labels["type"]: int(value)
+            for labels, value in metrics.get("onboarding_triggers_emitted_total", [])
+        }
+        s.held_out = int(total(metrics, "onboarding_triggers_suppressed_total", reason="holdout"))
+        s.suppressed = int(total(metrics, "onboarding_triggers_suppressed_total")) - s.held_out
+        s.segment_changes = int(total(metrics, "onboarding_segment_changes_total"))
+        s.cluster_model = int(total(metrics, "onboarding_cluster_model_version"))
+        s.timer_lag_p50 = histogram_quantile(metrics, "onboarding_timer_lag_seconds", 0.5)
         s.p50_all = histogram_quantile(metrics, LATENCY, 0.5)
         s.p99_all = histogram_quantile(metrics, LATENCY, 0.99)
         self._snapshots.append((now, metrics))
@@ -572,6 +592,11 @@ def render(stats: LiveStats, feed: SyntheticFeed) -> Group:
     window = f"(last {LATENCY_WINDOW_S:.0f} s)"
     head.add_row("latency p50", f"{_ms(s.p50)} {window}", "latency p99", f"{_ms(s.p99)} {window}")
     head.add_row("profiles", f"{s.profiles:,}", "linked anon ids", f"{s.linked_ids:,}")
+    fired = ", ".join(f"{k} {v}" for k, v in sorted(s.triggers.items())) or "none yet"
+    head.add_row("triggers", fired, "held out / suppressed", f"{s.held_out:,} / {s.suppressed:,}")
+    model = f"v{s.cluster_model}" if s.cluster_model else "training… (needs 200 samples)"
+    head.add_row("segment changes", f"{s.segment_changes:,}", "cluster model", model)
+    head.add_row("timer lag p50", _ms(s.timer_lag_p50), "", "")
     if s.delivery_errors or s.observer_error:
         head.add_row("[red]problems", f"{s.delivery_errors} delivery errors", s.observer_error[:60], "")
 

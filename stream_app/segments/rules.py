@@ -398,6 +398,91 @@ def evaluate(node: Node, facts: Mapping[str, Any], member: frozenset[str] = froz
     return bool(_value(node, facts, member))
 
 
+Compiled = Callable[[Mapping[str, Any], frozenset[str]], Any]
+
+
+def compile_rule(node: Node) -> Compiled:
+    """The rule as nested closures: the same semantics as :func:`evaluate`, without re-dispatching
+    on node types at every evaluation (profiles are evaluated on every write). No eval/exec."""
+    fn = _compile(node)
+
+    def truth(facts: Mapping[str, Any], member: frozenset[str]) -> bool:
+        return bool(fn(facts, member))
+
+    return truth
+
+
+def _compile_value(node: Node) -> Compiled:
+    if isinstance(node, Lit):
+        value = node.value
+        return lambda _f, _m: value
+    if isinstance(node, Dur):
+        ms = node.ms
+        return lambda _f, _m: ms
+    if isinstance(node, Name):
+        name = node.name
+        return lambda f, _m: f.get(name)
+    if isinstance(node, ListOf):
+        items = [_compile_value(i) for i in node.items]
+        return lambda f, m: [i(f, m) for i in items]
+    if isinstance(node, Call):
+        call = node
+        return lambda f, m: _call(call, f, m)
+    return _compile(node)
+
+
+def _compile(node: Node) -> Compiled:
+    if isinstance(node, BoolOp):
+        parts = [_compile(i) for i in node.items]
+        if node.op == "and":
+            return lambda f, m: all(p(f, m) for p in parts)
+        return lambda f, m: any(p(f, m) for p in parts)
+    if isinstance(node, Not):
+        inner = _compile(node.expr)
+        return lambda f, m: not inner(f, m)
+    if isinstance(node, Compare):
+        left, right, op = _compile_value(node.left), _compile_value(node.right), _CMP[node.op]
+        nullable = node.op in ("==", "!=")
+
+        def compare(f: Mapping[str, Any], m: frozenset[str]) -> bool:
+            try:
+                a, b = left(f, m), right(f, m)
+                if (a is None or b is None) and not nullable:
+                    return False
+                return bool(op(a, b))
+            except TypeError:
+                return False
+
+        return compare
+    if isinstance(node, Between):
+        value_of, low_of, high_of = (
+            _compile_value(node.expr),
+            _compile_value(node.low),
+            _compile_value(node.high),
+        )
+
+        def between(f: Mapping[str, Any], m: frozenset[str]) -> bool:
+            try:
+                value = value_of(f, m)
+                return value is not None and bool(low_of(f, m) <= value <= high_of(f, m))
+            except TypeError:
+                return False
+
+        return between
+    if isinstance(node, In):
+        value_of, options_of = _compile_value(node.expr), _compile_value(node.options)
+
+        def inside(f: Mapping[str, Any], m: frozenset[str]) -> bool:
+            try:
+                return value_of(f, m) in options_of(f, m)
+            except TypeError:
+                return False
+
+        return inside
+    value = _compile_value(node)
+    return lambda f, m: bool(value(f, m))
+
+
 def _walk(node: Node) -> list[Node]:
     out: list[Node] = [node]
     for child in getattr(node, "items", ()) if isinstance(node, BoolOp | ListOf) else ():
@@ -466,10 +551,14 @@ class SegmentSet:
 
     def evaluate(self, facts: Mapping[str, Any]) -> frozenset[str]:
         member: set[str] = set()
-        for d in self.order:
-            if all(r in member for r in d.requires) and evaluate(d.rule, facts, frozenset(member)):
+        for d, truth in self._compiled:
+            if all(r in member for r in d.requires) and truth(facts, frozenset(member)):
                 member.add(d.name)
         return frozenset(member)
+
+    @functools.cached_property
+    def _compiled(self) -> list[tuple[SegmentDefinition, Compiled]]:
+        return [(d, compile_rule(d.rule)) for d in self.order]
 
     def next_change_ms(self, doc: Mapping[str, Any], now_ms: int) -> int | None:
         """The next instant after ``now_ms`` at which a time-relative condition can flip with no event."""

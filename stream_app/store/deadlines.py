@@ -55,6 +55,24 @@ class DeadlineStore(abc.ABC):
     async def watermark(self, partition: int) -> tuple[int, int] | None:
         """(max event time, wall clock when it was seen), or None before any event."""
 
+    async def due_many(self, upto: Mapping[int, int], limit: int) -> dict[int, list[tuple[str, int]]]:
+        """:meth:`due` for several partitions (partition -> watermark); only partitions with due users."""
+        out = {}
+        for partition, upto_ms in upto.items():
+            due = await self.due(partition, upto_ms, limit)
+            if due:
+                out[partition] = due
+        return out
+
+    async def record_batch(
+        self, schedules: Mapping[int, Mapping[str, int | None]], marks: Mapping[int, int], wall_ms: int
+    ) -> None:
+        """A batch's deadline changes and watermark advances (one round trip where the store can)."""
+        for partition, entries in schedules.items():
+            await self.schedule(partition, entries)
+        for partition, event_ms in marks.items():
+            await self.advance_watermark(partition, event_ms, wall_ms)
+
 
 class InMemoryDeadlineStore(DeadlineStore):
     def __init__(self) -> None:
@@ -178,6 +196,18 @@ class RedisDeadlineStore(DeadlineStore):
             args.extend((user, read, "" if nxt is None else nxt))
         return await self._script(_SETTLE_LUA, self._zset(partition), *args)
 
+    async def due_many(self, upto: Mapping[int, int], limit: int) -> dict[int, list[tuple[str, int]]]:
+        if not upto:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for partition, upto_ms in upto.items():
+            pipe.zrangebyscore(self._zset(partition), "-inf", upto_ms, start=0, num=limit, withscores=True)
+        out: dict[int, list[tuple[str, int]]] = {}
+        for partition, rows in zip(upto, await pipe.execute(), strict=True):
+            if rows:
+                out[partition] = [(u.decode() if isinstance(u, bytes) else str(u), int(sc)) for u, sc in rows]
+        return out
+
     async def pending(self, partition: int) -> int:
         return int(await self.client.zcard(self._zset(partition)))
 
@@ -191,6 +221,31 @@ class RedisDeadlineStore(DeadlineStore):
 
     async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
         await self._script(_ADVANCE_LUA, self.keys.watermark(self.topic, partition), event_ms, wall_ms)
+
+    async def record_batch(
+        self, schedules: Mapping[int, Mapping[str, int | None]], marks: Mapping[int, int], wall_ms: int
+    ) -> None:
+        for attempt in range(2):
+            sha = self._shas.get(_ADVANCE_LUA)
+            if sha is None and marks:
+                sha = self._shas[_ADVANCE_LUA] = await self.client.script_load(_ADVANCE_LUA)
+            pipe = self.client.pipeline(transaction=False)
+            for partition, entries in schedules.items():
+                adds = {user: at for user, at in entries.items() if at is not None}
+                removes = [user for user, at in entries.items() if at is None]
+                if adds:
+                    pipe.zadd(self._zset(partition), dict(adds))
+                if removes:
+                    pipe.zrem(self._zset(partition), *removes)
+            for partition, event_ms in marks.items():
+                pipe.evalsha(sha, 1, self.keys.watermark(self.topic, partition), event_ms, wall_ms)  # type: ignore[arg-type]
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._shas.pop(_ADVANCE_LUA, None)
 
     async def watermark(self, partition: int) -> tuple[int, int] | None:
         raw = await self.client.hmget(self.keys.watermark(self.topic, partition), ["ts", "at"])

@@ -17,8 +17,9 @@ go through the same eligibility.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,7 @@ class Candidate:
     subject: str  # what re-eligibility is about: "flow/step", flow, step or segment
     occurrence: str  # unique per occurrence; part of the trigger id
     due_ms: int  # when the condition became true (event time)
-    evidence: Mapping[str, Any]
+    evidence: Callable[[], Mapping[str, Any]]  # built only for occurrences being decided
 
 
 @dataclass(slots=True)
@@ -134,17 +135,22 @@ def candidates(
                 continue
             th = stall_threshold(flow, step, groups, baselines, config.stall)
             deadline = started + int(th.seconds * 1000)
-            evidence = {
-                "flow": flow,
-                "step": step,
-                "step_started_at": iso_ms(started),
-                "elapsed_s": round(max(0, now_ms - started) / 1000, 3),
-                "threshold_s": round(th.seconds, 3),
-                "multiplier": config.stall.multiplier,
-                "mean_s": round(th.mean_s, 3),
-                "samples": th.samples,
-                "baseline": th.basis,
-            }
+
+            def evidence(
+                flow: str = flow, step: str = step, started: int = started, th: Threshold = th
+            ) -> Any:
+                return {
+                    "flow": flow,
+                    "step": step,
+                    "step_started_at": iso_ms(started),
+                    "elapsed_s": round(max(0, now_ms - started) / 1000, 3),
+                    "threshold_s": round(th.seconds, 3),
+                    "multiplier": config.stall.multiplier,
+                    "mean_s": round(th.mean_s, 3),
+                    "samples": th.samples,
+                    "baseline": th.basis,
+                }
+
             due(
                 deadline,
                 Candidate("stalled_step", f"{flow}/{step}", f"{flow}/{step}@{started}", deadline, evidence),
@@ -154,34 +160,52 @@ def candidates(
             if state.get("status") == "completed":
                 continue
             at = last_seen + config.abandon_after_ms
-            evidence = {
-                "flow": flow,
-                "last_seen_at": iso_ms(last_seen),
-                "idle_s": round(max(0, now_ms - last_seen) / 1000, 3),
-                "steps_completed": sorted(state.get("completed_steps", {})),
-                "current_step": state.get("current_step"),
-            }
-            due(at, Candidate("onboarding_abandoned", flow, f"{flow}@{last_seen}", at, evidence))
+
+            def abandoned(flow: str = flow, state: dict[str, Any] = state, last: int = last_seen) -> Any:
+                return {
+                    "flow": flow,
+                    "last_seen_at": iso_ms(last),
+                    "idle_s": round(max(0, now_ms - last) / 1000, 3),
+                    "steps_completed": sorted(state.get("completed_steps", {})),
+                    "current_step": state.get("current_step"),
+                }
+
+            due(at, Candidate("onboarding_abandoned", flow, f"{flow}@{last_seen}", at, abandoned))
     if config.enabled("onboarding_completed"):
         for flow, state in sorted(flows.items()):
             if state.get("status") == "completed" and state.get("completed_ms") is not None:
                 at = state["completed_ms"]
-                evidence = {
-                    "flow": flow,
-                    "completed_at": iso_ms(at),
-                    "duration_s": round((at - state["started_ms"]) / 1000, 3),
-                }
-                due(at, Candidate("onboarding_completed", flow, flow, at, evidence))
+
+                def completed(flow: str = flow, at: int = at, started: int = state["started_ms"]) -> Any:
+                    return {
+                        "flow": flow,
+                        "completed_at": iso_ms(at),
+                        "duration_s": round((at - started) / 1000, 3),
+                    }
+
+                due(at, Candidate("onboarding_completed", flow, flow, at, completed))
     if config.enabled("repeated_help_views"):
         for step, views in sorted(doc.get("help_views", {}).items()):
             if views >= config.help_min_views:
                 rounds = views // config.help_min_views
-                evidence = {"step": step, "help_views": views, "min_views": config.help_min_views}
-                found.append(Candidate("repeated_help_views", step, f"{step}#{rounds}", now_ms, evidence))
+                help_ev = {"step": step, "help_views": views, "min_views": config.help_min_views}
+                found.append(
+                    Candidate(
+                        "repeated_help_views",
+                        step,
+                        f"{step}#{rounds}",
+                        now_ms,
+                        functools.partial(dict, help_ev),
+                    )
+                )
     if config.enabled("segment_entered"):
         for segment in entered:
-            evidence = {"segment": segment, "entered_at": iso_ms(now_ms)}
-            found.append(Candidate("segment_entered", segment, f"{segment}@{now_ms}", now_ms, evidence))
+            seg_ev = {"segment": segment, "entered_at": iso_ms(now_ms)}
+            found.append(
+                Candidate(
+                    "segment_entered", segment, f"{segment}@{now_ms}", now_ms, functools.partial(dict, seg_ev)
+                )
+            )
     return found, later
 
 
@@ -244,7 +268,7 @@ def decide(
                 "created_at": iso_ms(now_ms),
                 "due_at": iso_ms(cand.due_ms),
                 "group": group,
-                "evidence": dict(cand.evidence),
+                "evidence": dict(cand.evidence()),
                 "action": dict(rule.action),
                 "segments": sorted(segments),
                 "cluster": dict(cluster) if cluster else None,

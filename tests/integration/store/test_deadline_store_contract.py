@@ -57,3 +57,18 @@ async def test_watermark_only_moves_forward(store: DeadlineStore) -> None:
     await store.advance_watermark(0, 1500, 7000)
     assert await store.watermark(0) == (1500, 7000)
     assert await store.watermark(1) is None
+
+
+async def test_record_batch_schedules_and_advances_in_one_go(store: DeadlineStore) -> None:
+    await store.advance_watermark(1, 5000, 1)
+    await store.record_batch({0: {"a": 10, "b": None}, 2: {"c": 30}}, {0: 700, 1: 4000}, wall_ms=99)
+    assert await store.due(0, 100, 10) == [("a", 10)] and await store.due(2, 100, 10) == [("c", 30)]
+    assert await store.watermark(0) == (700, 99)
+    assert await store.watermark(1) == (5000, 1)  # never lowered
+
+
+async def test_due_many_returns_only_partitions_with_due_users(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 10, "b": 50})
+    await store.schedule(1, {"c": 500})
+    assert await store.due_many({0: 20, 1: 20, 2: 20}, 10) == {0: [("a", 10)]}
+    assert await store.due_many({}, 10) == {}

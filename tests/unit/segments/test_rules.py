@@ -22,6 +22,7 @@ from stream_app.segments.rules import (
     Node,
     Not,
     RuleError,
+    compile_rule,
     evaluate,
     load_segments,
     parse_rule,
@@ -184,3 +185,25 @@ def test_printed_rules_parse_back_and_evaluate_like_python(tree: Node, facts: di
 def test_any_text_parses_or_raises_rule_error(text: str) -> None:
     with contextlib.suppress(RuleError):  # anything else (IndexError, ...) fails the test
         parse_rule("fuzz", text)
+
+
+@given(trees, fact_values, st.frozensets(st.sampled_from(["a", "b"])))
+def test_compiled_rules_agree_with_the_interpreter(
+    tree: Node, facts: dict[str, int], member: frozenset[str]
+) -> None:
+    assert compile_rule(tree)(facts, member) == evaluate(tree, facts, member)
+
+
+def test_compiled_rules_agree_on_the_language_features() -> None:
+    profile = doc(help_views={"profile": 3}, features={"export": 2})
+    for rule in (
+        'help_views_on("profile") >= 3 and used_feature("export")',
+        'country in ["DE", "FR"] or device_type == "mobile"',
+        "days_since_signup between 0 and 7 and not signed_up_within(1h)",
+        "last_seen_more_than(30d) or sessions > 5",
+        'completed_step("signup", "profile") or lifecycle == "new"',
+        'sessions > "text"',
+    ):
+        node = parse_rule("r", rule)
+        facts = profile_facts(profile, NOW)
+        assert compile_rule(node)(facts, frozenset()) == evaluate(node, facts), rule
