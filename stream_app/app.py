@@ -307,12 +307,20 @@ class Runtime:
         return outcome
 
     async def _process_and_publish(self, records: list[Record]) -> BatchOutcome:
+        phase = self.metrics.batch_phase_seconds
+        t0 = time.perf_counter()
         await self.refresh_baselines()
         outcome = await self.processor.process(records)
+        t1 = time.perf_counter()
+        phase.labels("process").observe(t1 - t0)
         await self.publish_dead_letters(outcome)
         await self.publish_outbox(outcome)
+        t2 = time.perf_counter()
+        phase.labels("publish").observe(t2 - t1)
         await self._count_sizes(outcome.size_deltas)
         await self._queue_samples(outcome)
+        t3 = time.perf_counter()
+        phase.labels("segments_and_samples").observe(t3 - t2)
         wall_ms = int(time.time() * 1000)
         latest: dict[int, int] = {}
         for rec, ev in outcome.events:
@@ -321,6 +329,7 @@ class Runtime:
         await self.deadlines.record_batch(outcome.deadlines, advanced, wall_ms)
         for partition, ts_ms in advanced.items():
             self.marks[partition] = (ts_ms, wall_ms)
+        phase.labels("deadlines").observe(time.perf_counter() - t3)
         for rec in records:
             self.next_offsets[rec.partition] = max(self.next_offsets.get(rec.partition, 0), rec.offset + 1)
         return outcome

@@ -73,6 +73,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_phase_seconds = Histogram(
+            "onboarding_batch_phase_seconds",
+            "Time per batch in each phase: process (parse, links, profiles, reactions), publish "
+            "(dead letters, segment changes, triggers), segments_and_samples, deadlines.",
+            ["phase"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "onboarding_batch_size_events", "Records per batch.", buckets=SIZE_BUCKETS, registry=r
         )
