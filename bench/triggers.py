@@ -66,11 +66,18 @@ def tail_consumer(bootstrap: str, topic: str) -> Consumer:
     return consumer
 
 
-def collect(consumer: Consumer, expected: int, timeout: float, parse: bool = True) -> list[tuple[float, Any]]:
-    got: list[tuple[float, Any]] = []
+def collect(
+    consumer: Consumer,
+    expected: int,
+    timeout: float,
+    parse: bool = True,
+    got: list[tuple[float, Any]] | None = None,
+) -> list[tuple[float, Any]]:
+    """Poll until ``got`` holds ``expected`` messages or ``timeout`` passes; receive time per message."""
+    got = [] if got is None else got
     deadline = time.monotonic() + timeout
     while len(got) < expected and time.monotonic() < deadline:
-        msg = consumer.poll(0.1)
+        msg = consumer.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         if msg is not None and not msg.error():
             got.append((time.time(), orjson.loads(msg.value()) if parse else None))
     return got
@@ -100,14 +107,18 @@ def due(trigger: dict[str, Any]) -> float:
 
 
 def steady(producer: Producer, topic: str, consumer: Consumer, users: int, rate: float) -> list[float]:
+    """Users start a step at ``rate``/s; triggers are read *while* producing, so receive times are true."""
+    got: list[tuple[float, Any]] = []
     with console.status(f"steady: {users} users starting a step at {rate:.0f}/s…"):
+        t0 = time.time()
         for i in range(users):
             key, value = starts([f"s{i}"], int(time.time() * 1000))[0]
             producer.produce(topic, key=key, value=value)
             producer.poll(0)
-            time.sleep(1 / rate)
+            # read triggers until the next send is due
+            collect(consumer, users, max(0.0, t0 + (i + 1) / rate - time.time()), got=got)
         producer.flush(30)
-        got = collect(consumer, users, 60)
+        collect(consumer, users, 60, got=got)
     return [received - due(t) for received, t in got]
 
 
