@@ -18,7 +18,7 @@ FACTS: dict[str, str] = {
     "event_count": "events applied",
     "days_since_signup": "days since first seen",
     "days_since_last_seen": "days since last seen",
-    "sessions_per_week": "sessions in the last 7 days (scaled to a week for accounts younger than that)",
+    "sessions_per_week": "sessions started in the last 7 days (not extrapolated for younger accounts)",
     "features_used": "distinct features used",
     "feature_events": "Feature Used events",
     "feature_usage_score": "0-100: 10 points per distinct feature (max 60) + 2 per feature event (max 40)",
@@ -36,10 +36,9 @@ def profile_facts(doc: Profile, now_ms: int, rules: ProfileRules | None = None) 
     first, last = doc.get("first_seen_ms"), doc.get("last_seen_ms")
     sessions = doc.get("sessions", {})
     recent = [t for t in sessions.get("recent_ms", []) if now_ms - WEEK_MS < t <= now_ms]
-    age_ms = now_ms - first if first is not None else 0
-    per_week = float(len(recent))
-    if 0 < age_ms < WEEK_MS:
-        per_week = len(recent) * WEEK_MS / max(age_ms, DAY_MS)
+    # Not extrapolated for accounts younger than a week: one session on day one is not
+    # "7 a week", and an extrapolated rate would drift with age at instants no deadline marks.
+    per_week = len(recent)
     features = doc.get("features", {})
     feature_events = sum(features.values())
     flows = doc.get("onboarding", {}).values()

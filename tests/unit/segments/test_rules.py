@@ -207,3 +207,56 @@ def test_compiled_rules_agree_on_the_language_features() -> None:
         node = parse_rule("r", rule)
         facts = profile_facts(profile, NOW)
         assert compile_rule(node)(facts, frozenset()) == evaluate(node, facts), rule
+
+
+HOUR_MS = DAY_MS // 24
+offsets_h = st.integers(min_value=0, max_value=120 * 24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    age_h=offsets_h,
+    idle_h=offsets_h,
+    session_ages_h=st.lists(offsets_h, max_size=8),
+    help_views=st.integers(0, 6),
+    features=st.integers(0, 7),
+    steps=st.integers(0, 3),
+    step=st.floats(0.01, 0.99),
+)
+def test_no_membership_changes_before_the_next_change_instant(
+    age_h: int,
+    idle_h: int,
+    session_ages_h: list[int],
+    help_views: int,
+    features: int,
+    steps: int,
+    step: float,
+) -> None:
+    """Time-driven re-evaluation is only correct if nothing can flip before ``next_change_ms``.
+
+    The timer re-evaluates a profile at that instant and not before: a membership that
+    changes earlier (a fact drifting with time that the anchors miss) would be published late.
+    """
+    segments = load_segments(CONFIG_DIR / "segments.toml")
+    first = NOW - max(age_h, idle_h) * HOUR_MS
+    last = NOW - idle_h * HOUR_MS
+    recent = sorted({max(first, NOW - a * HOUR_MS) for a in session_ages_h if a >= idle_h} | {last})
+    p = doc(
+        first_seen_ms=first,
+        last_seen_ms=last,
+        sessions={"count": len(recent), "recent_ms": recent},
+        help_views={"profile": help_views} if help_views else {},
+        features={f"f{i}": 1 for i in range(features)},
+        onboarding={
+            "signup": {
+                "status": "in_progress",
+                "completed_steps": {f"s{i}": {} for i in range(steps)},
+            }
+        },
+    )
+    now_members = segments.evaluate(profile_facts(p, NOW))
+    flip = segments.next_change_ms(p, NOW)
+    horizon = flip if flip is not None else NOW + 200 * DAY_MS
+    probe = NOW + int((horizon - NOW) * step)
+    if probe < horizon:
+        assert segments.evaluate(profile_facts(p, probe)) == now_members, (probe - NOW) / HOUR_MS
