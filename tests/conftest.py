@@ -7,7 +7,8 @@ Every integration test runs once per *backend*:
   and is skipped, with the reason, where none is reachable (our CI machines).
 
 Tests use ``redis_url`` / ``kafka_bootstrap`` (or ``services`` for both) and never a
-machine's default ports.
+machine's default ports. ``fresh_redis_cluster`` is a client on a real 3-node Redis Cluster
+(embedded, started once per session), for the store contract suites.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
+from stream_app.embedded import EmbeddedBroker, EmbeddedRedis, EmbeddedRedisCluster
 
 BACKENDS = ["embedded", "containers"]
 
@@ -86,5 +87,21 @@ async def fresh_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """An asyncio client on the test Redis, emptied first (store contract suites)."""
     client = aioredis.Redis.from_url(redis_url)
     await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A real Redis Cluster (3 primaries, embedded, private ports) for the whole session."""
+    with EmbeddedRedisCluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+async def fresh_redis_cluster(redis_cluster_url: str) -> AsyncIterator[aioredis.RedisCluster]:
+    """An asyncio Cluster client on the test cluster, every primary emptied first."""
+    client = aioredis.RedisCluster.from_url(redis_cluster_url)
+    await client.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
     yield client
     await client.aclose()

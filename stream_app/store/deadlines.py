@@ -18,10 +18,8 @@ import abc
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import AnyRedis
+from stream_app.store.scripts import AnyRedis, Call, Eval, Scripts
 
 
 class DeadlineStore(abc.ABC):
@@ -150,23 +148,10 @@ return 1
 class RedisDeadlineStore(DeadlineStore):
     def __init__(self, client: AnyRedis, keys: Keys, topic: str) -> None:
         self.client, self.keys, self.topic = client, keys, topic
-        self._shas: dict[str, str] = {}
+        self.scripts = Scripts(client, {"settle": _SETTLE_LUA, "advance": _ADVANCE_LUA})
 
     def _zset(self, partition: int) -> str:
         return self.keys.deadlines(self.topic, partition)
-
-    async def _script(self, source: str, key: str, *args: object) -> int:
-        for attempt in range(2):
-            sha = self._shas.get(source)
-            if sha is None:
-                sha = self._shas[source] = await self.client.script_load(source)
-            try:
-                return int(await self.client.evalsha(sha, 1, key, *args))  # type: ignore[arg-type,unused-ignore]
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._shas.pop(source, None)
-        return 0
 
     async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
         adds = {user: at for user, at in entries.items() if at is not None}
@@ -194,7 +179,7 @@ class RedisDeadlineStore(DeadlineStore):
         args: list[object] = []
         for user, read, nxt in settled:
             args.extend((user, read, "" if nxt is None else nxt))
-        return await self._script(_SETTLE_LUA, self._zset(partition), *args)
+        return int(await self.scripts.call("settle", [self._zset(partition)], *args))
 
     async def due_many(self, upto: Mapping[int, int], limit: int) -> dict[int, list[tuple[str, int]]]:
         if not upto:
@@ -220,32 +205,23 @@ class RedisDeadlineStore(DeadlineStore):
         await pipe.execute()
 
     async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
-        await self._script(_ADVANCE_LUA, self.keys.watermark(self.topic, partition), event_ms, wall_ms)
+        await self.scripts.call("advance", [self.keys.watermark(self.topic, partition)], event_ms, wall_ms)
 
     async def record_batch(
         self, schedules: Mapping[int, Mapping[str, int | None]], marks: Mapping[int, int], wall_ms: int
     ) -> None:
-        for attempt in range(2):
-            sha = self._shas.get(_ADVANCE_LUA)
-            if sha is None and marks:
-                sha = self._shas[_ADVANCE_LUA] = await self.client.script_load(_ADVANCE_LUA)
-            pipe = self.client.pipeline(transaction=False)
-            for partition, entries in schedules.items():
-                adds = {user: at for user, at in entries.items() if at is not None}
-                removes = [user for user, at in entries.items() if at is None]
-                if adds:
-                    pipe.zadd(self._zset(partition), dict(adds))
-                if removes:
-                    pipe.zrem(self._zset(partition), *removes)
-            for partition, event_ms in marks.items():
-                pipe.evalsha(sha, 1, self.keys.watermark(self.topic, partition), event_ms, wall_ms)  # type: ignore[arg-type]
-            try:
-                await pipe.execute()
-                return
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._shas.pop(_ADVANCE_LUA, None)
+        calls: list[Call] = []
+        for partition, entries in schedules.items():
+            adds = [arg for user, at in entries.items() if at is not None for arg in (at, user)]
+            removes = [user for user, at in entries.items() if at is None]
+            if adds:
+                calls.append(("ZADD", self._zset(partition), *adds))
+            if removes:
+                calls.append(("ZREM", self._zset(partition), *removes))
+        for partition, event_ms in marks.items():
+            calls.append(Eval("advance", [self.keys.watermark(self.topic, partition)], [event_ms, wall_ms]))
+        if calls:
+            await self.scripts.pipeline(calls)
 
     async def watermark(self, partition: int) -> tuple[int, int] | None:
         raw = await self.client.hmget(self.keys.watermark(self.topic, partition), ["ts", "at"])

@@ -12,14 +12,12 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError
 
 from stream_app.segments.cluster_model import Snapshot
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import AnyRedis
+from stream_app.store.scripts import AnyRedis, Scripts
 
 HISTORY = 10
 
@@ -130,20 +128,7 @@ return 0
 class RedisClusterModelStore(ClusterModelStore):
     def __init__(self, client: AnyRedis, keys: Keys) -> None:
         self.client, self.keys = client, keys
-        self._shas: dict[str, str] = {}
-
-    async def _script(self, source: str, keys: list[str], *args: object) -> Any:
-        for attempt in range(2):
-            sha = self._shas.get(source)
-            if sha is None:
-                sha = self._shas[source] = await self.client.script_load(source)
-            try:
-                return await self.client.evalsha(sha, len(keys), *keys, *args)  # type: ignore[arg-type,unused-ignore]
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._shas.pop(source, None)
-        return None
+        self.scripts = Scripts(client, {"take": _TAKE_LUA, "publish": _PUBLISH_LUA, "lease": _LEASE_LUA})
 
     async def add_samples(self, vectors: Sequence[Sequence[float]], cap: int) -> None:
         if not vectors:
@@ -155,7 +140,7 @@ class RedisClusterModelStore(ClusterModelStore):
         await pipe.execute()
 
     async def take_samples(self, limit: int) -> list[list[float]]:
-        raw = await self._script(_TAKE_LUA, [self.keys.cluster_model("samples")], limit)
+        raw = await self.scripts.call("take", [self.keys.cluster_model("samples")], limit)
         return [orjson.loads(r) for r in raw or []]
 
     async def queued(self) -> int:
@@ -171,7 +156,7 @@ class RedisClusterModelStore(ClusterModelStore):
 
     async def publish(self, snapshot: Snapshot) -> bool:
         keys = [self.keys.cluster_model("model"), self.keys.cluster_model("history")]
-        done = await self._script(_PUBLISH_LUA, keys, snapshot.version, snapshot.to_json(), HISTORY)
+        done = await self.scripts.call("publish", keys, snapshot.version, snapshot.to_json(), HISTORY)
         return bool(done)
 
     async def history(self) -> list[Snapshot]:
@@ -179,4 +164,4 @@ class RedisClusterModelStore(ClusterModelStore):
         return [Snapshot.from_json(r) for r in raw]
 
     async def acquire_lease(self, owner: str, ttl_ms: int) -> bool:
-        return bool(await self._script(_LEASE_LUA, [self.keys.cluster_model("lease")], owner, ttl_ms))
+        return bool(await self.scripts.call("lease", [self.keys.cluster_model("lease")], owner, ttl_ms))

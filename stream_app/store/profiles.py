@@ -20,14 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from stream_app.profile import Profile
 from stream_app.store.keys import USER_KEY_KINDS, Keys
-
-AnyRedis = Redis | RedisCluster
+from stream_app.store.scripts import AnyRedis, Eval, Scripts  # AnyRedis: app.py imports it from here
 
 
 @dataclass(slots=True)
@@ -142,34 +138,15 @@ class RedisProfileStore(ProfileStore):
         self.keys = keys
         self.ttl_seconds = ttl_seconds
         self.dedup_window_ms = dedup_window_seconds * 1000
-        self._scripts = {"load": _LOAD_LUA, "cas": _CAS_LUA}
-        self._sha: dict[str, str] = {}
+        self.scripts = Scripts(client, {"load": _LOAD_LUA, "cas": _CAS_LUA})
 
-    async def _run(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
-        """EVALSHA a list of (script, [key1, key2, *args]) in one pipeline; load scripts once.
-
-        Scripts are loaded on first use and again after a Redis restart (NOSCRIPT), not
-        checked before every pipeline as redis-py's Script objects do (a round trip each).
-        """
-        for attempt in range(2):
-            if not self._sha:
-                for name, body in self._scripts.items():
-                    self._sha[name] = await self.client.script_load(body)
-            pipe = self.client.pipeline(transaction=False)
-            for name, params in calls:
-                pipe.evalsha(self._sha[name], 2, *params)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._sha.clear()
-        raise AssertionError("unreachable")
+    def _user_keys(self, pid: str) -> list[str]:
+        return [self.keys.profile(pid), self.keys.seen(pid)]
 
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
         ids = list(requests)
-        replies = await self._run(
-            [("load", [self.keys.profile(pid), self.keys.seen(pid), *requests[pid]]) for pid in ids]
+        replies = await self.scripts.pipeline(
+            [Eval("load", self._user_keys(pid), requests[pid]) for pid in ids]
         )
         out: dict[str, Loaded] = {}
         for pid, (version, raw, flags) in zip(ids, replies, strict=True):
@@ -183,11 +160,10 @@ class RedisProfileStore(ProfileStore):
             return set()
         now_ms = int(time.time() * 1000)
         calls = [
-            (
+            Eval(
                 "cas",
+                self._user_keys(w.profile_id),
                 [
-                    self.keys.profile(w.profile_id),
-                    self.keys.seen(w.profile_id),
                     w.expected_version,
                     orjson.dumps(w.doc),
                     self.ttl_seconds,
@@ -199,7 +175,7 @@ class RedisProfileStore(ProfileStore):
             )
             for w in writes
         ]
-        replies = await self._run(calls)
+        replies = await self.scripts.pipeline(calls)
         return {w.profile_id for w, r in zip(writes, replies, strict=True) if int(r) < 0}
 
     async def seen_ids(self, profile_id: str) -> list[str]:

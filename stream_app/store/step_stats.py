@@ -15,11 +15,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.exceptions import NoScriptError
-
 from stream_app.profile import StepDuration
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import AnyRedis
+from stream_app.store.scripts import AnyRedis, Call, Eval, Scripts
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ class RedisStepStatsStore(StepStatsStore):
     def __init__(self, client: AnyRedis, keys: Keys, dedup_window_seconds: int) -> None:
         self.client, self.keys = client, keys
         self.window_ms = dedup_window_seconds * 1000
-        self._sha: str | None = None
+        self.scripts = Scripts(client, {"add": _ADD_LUA})
 
     async def add(self, durations: Sequence[StepDuration]) -> int:
         by_step: dict[tuple[str, str, str], list[str]] = {}
@@ -124,31 +122,14 @@ class RedisStepStatsStore(StepStatsStore):
         if not by_step:
             return 0
         now_ms = int(time.time() * 1000)
-        for attempt in range(2):
-            if self._sha is None:
-                self._sha = await self.client.script_load(_ADD_LUA)
-            pipe = self.client.pipeline(transaction=False)
-            for (flow, step, group), pairs in by_step.items():
-                pipe.evalsha(
-                    self._sha,
-                    2,
-                    self.keys.step_stats(flow, step, group),
-                    self.keys.step_stats_applied(flow, step, group),
-                    now_ms,
-                    self.window_ms,
-                    *pairs,
-                )
-                pipe.sadd(
-                    self.keys.step_stats_index(), f"{flow}|{step}" + (f"{GROUP_SEP}{group}" if group else "")
-                )
-            try:
-                replies = await pipe.execute()
-                return sum(int(r) for r in replies[::2])
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._sha = None
-        return 0
+        calls: list[Call] = []
+        for (flow, step, group), pairs in by_step.items():
+            keys = [self.keys.step_stats(flow, step, group), self.keys.step_stats_applied(flow, step, group)]
+            calls.append(Eval("add", keys, [now_ms, self.window_ms, *pairs]))
+            name = f"{flow}|{step}" + (f"{GROUP_SEP}{group}" if group else "")
+            calls.append(("SADD", self.keys.step_stats_index(), name))
+        replies = await self.scripts.pipeline(calls)
+        return sum(int(r) for r in replies[::2])
 
     async def get(self, flow: str, step: str, group: str = "") -> StepStats | None:
         n, mean, m2 = await self.client.hmget(self.keys.step_stats(flow, step, group), ["n", "mean", "m2"])

@@ -9,11 +9,12 @@ from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, Red
 from stream_app.store.keys import Keys
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> DeadlineStore:
     if request.param == "memory":
         return InMemoryDeadlineStore()
-    return RedisDeadlineStore(fresh_redis, Keys("dl"), "onboarding.events")
+    client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
+    return RedisDeadlineStore(client, Keys("dl"), "onboarding.events")
 
 
 async def test_due_returns_the_earliest_first_per_partition(store: DeadlineStore) -> None:

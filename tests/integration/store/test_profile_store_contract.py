@@ -10,11 +10,12 @@ from stream_app.store.keys import USER_KEY_KINDS, Keys
 from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisProfileStore, Write
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> ProfileStore:
     if request.param == "memory":
         return InMemoryProfileStore()
-    return RedisProfileStore(fresh_redis, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
+    client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
+    return RedisProfileStore(client, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
 
 
 async def test_unknown_profile_loads_as_version_zero(store: ProfileStore) -> None:
@@ -71,3 +72,23 @@ async def test_documents_lists_every_stored_profile(store: ProfileStore) -> None
         await store.save([Write(f"d{i}", 0, {"user_id": f"d{i}"}, [f"m{i}"])])
     seen = sorted([doc["user_id"] async for doc in store.documents(batch=3)])
     assert seen == [f"d{i}" for i in range(7)]
+
+
+async def test_a_node_that_lost_its_scripts_refuses_nothing(store: ProfileStore) -> None:
+    """A restarted or newly added node has no scripts: only the calls it refused (NOSCRIPT)
+    run again, so on a Cluster the writes other nodes applied are not reported as refused."""
+    if not isinstance(store, RedisProfileStore):
+        pytest.skip("no script cache in memory")
+    users = [f"n{i}" for i in range(12)]
+    assert await store.save([Write(u, 0, new_profile(u), [f"{u}-a"]) for u in users]) == set()
+    client = store.client
+    if isinstance(client, aioredis.RedisCluster):
+        node = client.get_node_from_key(Keys("t").profile(users[0]))
+        others = {client.get_node_from_key(Keys("t").profile(u)).name for u in users}
+        assert len(others) > 1, "the users should span several nodes"
+        await client.execute_command("SCRIPT FLUSH", target_nodes=node)
+    else:
+        await client.script_flush()
+    assert await store.save([Write(u, 1, new_profile(u), [f"{u}-b"]) for u in users]) == set()
+    loaded = await store.load({u: [f"{u}-a", f"{u}-b"] for u in users})
+    assert all(e.version == 2 and e.seen == {f"{u}-a", f"{u}-b"} for u, e in loaded.items())
