@@ -8,6 +8,7 @@ decides what goes into a profile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
-from stream_app.segments.cluster_model import Snapshot, Trainer, choose_cluster, features
+from stream_app.segments.cluster_model import Snapshot, choose_cluster, features, train_model
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings
@@ -146,7 +147,7 @@ class Runtime:
             self.metrics,
             cache_size=settings.profile_cache_size,
             step_stats=self._fold_step_durations,
-            on_erase=self._forget_deadlines,
+            on_erase=self._forget,
             reactions=self.reaction_context,
         )
         self.baselines: dict[tuple[str, str, str], StepBaseline] = {}
@@ -195,26 +196,34 @@ class Runtime:
             self.snapshot = await self.models.latest()
             self.metrics.cluster_model_version.set(version)
 
-    async def train_once(self, batch: int = 5000) -> Snapshot | None:
-        """If this worker holds the training lease: learn from queued samples, publish the next snapshot."""
+    async def train_once(self) -> Snapshot | None:
+        """If this worker holds the training lease: train on the sample set, publish the next snapshot.
+
+        Each pass trains a fresh model on a random draw of the users' latest vectors
+        (:func:`~stream_app.segments.cluster_model.train_model`); ids carry over from
+        the previous snapshot by matching centroids.
+        """
         s = self.settings
         ttl_ms = int(3 * s.cluster_train_interval_seconds * 1000)
         if not s.cluster_enabled or not await self.models.acquire_lease(self.worker_id, ttl_ms):
             return None
+        if await self.models.sample_count() < s.cluster_min_samples:
+            return None
+        samples = await self.models.sample(s.cluster_train_samples)
         latest = await self.models.latest()
-        if latest is None:
-            if await self.models.queued() < s.cluster_min_samples:
-                return None
-            trainer = Trainer(k=s.cluster_k, halflife=s.cluster_halflife, min_seed=s.cluster_min_samples)
-        else:
-            trainer = Trainer.from_snapshot(latest, halflife=s.cluster_halflife)
-        samples = await self.models.take_samples(batch)
-        if not samples:
-            return None
-        trainer.learn(samples)
-        if not trainer.ready:
-            return None
-        snap = trainer.snapshot(latest, (latest.version if latest else 0) + 1, int(time.time() * 1000))
+        version = (latest.version if latest else 0) + 1
+        # ~0.2 s for 5000 samples: in a thread, so batches and timers keep their turns
+        snap = await asyncio.to_thread(
+            functools.partial(
+                train_model,
+                samples,
+                latest,
+                version=version,
+                now_ms=int(time.time() * 1000),
+                k=s.cluster_k,
+                halflife=s.cluster_halflife,
+            )
+        )
         if not await self.models.publish(snap):
             return None
         log.info(
@@ -224,15 +233,20 @@ class Runtime:
         await self.refresh_model(force=True)
         return snap
 
-    async def _queue_samples(self, outcome: BatchOutcome) -> None:
+    async def _sample_profiles(self, outcome: BatchOutcome) -> None:
+        """Keep the latest vector of a sample of the profiles this batch wrote; drop refusers'."""
         n = self.settings.cluster_samples_per_batch
         if not self.settings.cluster_enabled or n <= 0 or not outcome.profiles:
             return
-        docs = [
-            d for d in outcome.profiles.values() if d.get("consent", {}).get("personalization") is not False
-        ]
-        picked = self.rng.sample(docs, min(n, len(docs)))
-        await self.models.add_samples([features(d, self.step_means) for d in picked], cap=50_000)
+        consenting: list[str] = []
+        refused: list[str] = []
+        for pid, doc in outcome.profiles.items():
+            (refused if doc.get("consent", {}).get("personalization") is False else consenting).append(pid)
+        if refused:
+            await self.models.remove_samples(refused)
+        picked = self.rng.sample(consenting, min(n, len(consenting)))
+        vectors = {pid: features(outcome.profiles[pid], self.step_means) for pid in picked}
+        await self.models.put_samples(vectors, cap=self.settings.cluster_sample_cap)
 
     async def refresh_sizes(self, force: bool = False) -> None:
         if self.redis is None:
@@ -265,8 +279,10 @@ class Runtime:
         self.baselines_read_at = time.monotonic()
         await self.refresh_model()
 
-    async def _forget_deadlines(self, profile_ids: list[str]) -> None:
+    async def _forget(self, profile_ids: list[str]) -> None:
+        """Erasure: the users' deadlines and training vectors go with their profiles."""
         await self.deadlines.remove_users(profile_ids, range(self.topics["events"].partitions))
+        await self.models.remove_samples(profile_ids)
 
     async def wait_for_store(self) -> None:
         """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""
@@ -318,7 +334,7 @@ class Runtime:
         t2 = time.perf_counter()
         phase.labels("publish").observe(t2 - t1)
         await self._count_sizes(outcome.size_deltas)
-        await self._queue_samples(outcome)
+        await self._sample_profiles(outcome)
         t3 = time.perf_counter()
         phase.labels("segments_and_samples").observe(t3 - t2)
         wall_ms = int(time.time() * 1000)

@@ -123,12 +123,20 @@ class Settings(BaseSettings):
     # --- Clustering ----------------------------------------------------------------------------
     cluster_enabled: bool = Field(True, description="Assign users to behaviour clusters (river KMeans).")
     cluster_k: int = Field(4, ge=2, le=20, description="Number of clusters.")
-    cluster_min_samples: int = Field(200, ge=10, description="Samples needed before the first model.")
+    cluster_min_samples: int = Field(
+        200, ge=10, description="Users in the sample set needed before the first model."
+    )
     cluster_train_interval_seconds: float = Field(
         10.0, gt=0, description="How often the worker holding the training lease trains and publishes."
     )
     cluster_samples_per_batch: int = Field(
-        100, ge=0, description="Profiles per batch whose features are queued for training."
+        100, ge=0, description="Profiles per batch whose latest features go to the sample set."
+    )
+    cluster_sample_cap: int = Field(
+        50_000, ge=100, description="Users kept in the training sample set (random eviction beyond)."
+    )
+    cluster_train_samples: int = Field(
+        5000, ge=10, description="Vectors drawn from the sample set for each training pass."
     )
     cluster_margin: float = Field(
         0.2, ge=0, lt=1, description="Hysteresis: another centroid must be this much closer to move a user."

@@ -5,6 +5,8 @@
 * :class:`Trainer` keeps a river ``StandardScaler`` and a river ``KMeans``; it is seeded
   with k-means++ on the first samples (river's random initial centres otherwise make
   the result depend on luck), then learns online with a small ``halflife``.
+* :func:`train_model` is one training pass of the engine: a fresh Trainer on the current
+  sample set (one latest vector per user, shuffled), ids matched to the previous model.
 * A :class:`Snapshot` is what every worker uses to assign: scaler statistics and
   centroids as JSON (never pickle), versioned. Each new snapshot's centroids are
   matched to the previous snapshot's ids (Hungarian assignment on centroid distance),
@@ -277,6 +279,36 @@ class Trainer:
                 t.kmeans.centers[i][f] = snap.centroids[cid][j]
         t.seen = snap.samples
         return t
+
+
+def train_model(
+    samples: Sequence[Sequence[float]],
+    previous: Snapshot | None,
+    *,
+    version: int,
+    now_ms: int,
+    k: int = 4,
+    halflife: float = 0.02,
+    seed: int = 7,
+    seed_size: int = 1000,
+) -> Snapshot:
+    """One training pass: a fresh model from the sample set, its ids matched to ``previous``.
+
+    ``samples`` hold one (latest) vector per user. They are shuffled (seeded by ``seed``
+    and ``version``, so a pass is reproducible) so that the k-means++ seeding on the first
+    ``seed_size`` of them and river's online updates on the rest see every stage of the
+    journey and every kind of user, not the order in which the stream touched them. The
+    model is not continued from ``previous``: its centroids live in the standardized
+    space of an older scaler and would drift from their meaning (see bench/RESULTS.md);
+    only its ids carry over (:meth:`Trainer.snapshot`).
+    """
+    if len(samples) < k:
+        raise ValueError(f"need at least {k} samples to train {k} clusters, got {len(samples)}")
+    order = [list(x) for x in samples]
+    random.Random(seed * 1_000_003 + version).shuffle(order)
+    trainer = Trainer(k=k, seed=seed, halflife=halflife, min_seed=min(len(order), seed_size))
+    trainer.learn(order)
+    return trainer.snapshot(previous, version, now_ms)
 
 
 def adjusted_rand_index(truth: Sequence[Any], found: Sequence[Any]) -> float:

@@ -7,10 +7,11 @@ store, identity links included) from :mod:`stream_app.synthetic` streams.
   training and scoring a model offline.
 * :func:`replay` / :func:`build_delivered`: the clusters the running engine actually
   stores. The stream runs through the pipeline with reactions wired; after every batch
-  the features of a sample of the profiles it touched (mid-journey) are queued, a model
-  is trained and published every few batches the way ``Runtime.train_once`` does it,
-  and each profile write (and each due deadline) assigns the user with the latest
-  snapshot and hysteresis, like ``Runtime.assign_cluster``.
+  the latest features of a sample of the profiles it touched (mid-journey) replace those
+  users' vectors in the sample set, a model is trained and published every few batches
+  the way ``Runtime.train_once`` does it, and each profile write (and each due
+  deadline) assigns the user with the latest snapshot and hysteresis, like
+  ``Runtime.assign_cluster``.
 
 Both run on an event-time clock (the simulated "now" is the latest event read), so the
 results do not depend on the date they are computed on.
@@ -33,7 +34,7 @@ from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone
 from stream_app.reactions import ReactionContext
-from stream_app.segments.cluster_model import Snapshot, Trainer, choose_cluster, features
+from stream_app.segments.cluster_model import Snapshot, choose_cluster, features, train_model
 from stream_app.segments.rules import load_segments
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import SimUser, generate_users, interleaved_stream, record_key
@@ -60,6 +61,10 @@ class Population:
 
     def vectors(self) -> list[list[float]]:
         return [features(d, self.step_means) for d in self.docs]
+
+    def by_user(self) -> dict[str, list[float]]:
+        """The population as a training sample set: user id -> feature vector."""
+        return dict(zip(self.user_ids, self.vectors(), strict=True))
 
 
 def simulate(users: int, seed: int) -> Population:
@@ -150,7 +155,7 @@ class Delivered:
     step_means: dict[str, float]  # at the end of the stream
     batches: int
     records: int
-    #: queued training samples: (archetype of the sampled profile, batch index, features)
+    #: every vector put into the sample set: (archetype of the sampled profile, batch index, features)
     samples: list[tuple[str, int, list[float]]] = field(default_factory=list)
     timer_fires: int = 0  # deadlines that came due and were reacted to during the stream
     timeline: list[Moment] = field(default_factory=list)  # after every batch
@@ -178,8 +183,8 @@ async def build_delivered(
     halflife: float = 0.02,
     min_samples: int = 200,
     margin: float = 0.2,
-    take_limit: int = 5000,
-    queue_cap: int = 50_000,
+    train_samples: int = 5000,
+    sample_cap: int = 50_000,
 ) -> Delivered:
     """:func:`replay` for callers already inside an event loop.
 
@@ -190,13 +195,13 @@ async def build_delivered(
     * the batch runs through :class:`EventProcessor` with reactions wired; each write
       assigns the user with the current snapshot and hysteresis ``margin`` against
       the stored cluster (``Runtime.assign_cluster``);
-    * after it, the features of up to ``samples_per_batch`` random profiles the batch
-      wrote (consent refused skipped) are queued, capped at ``queue_cap``
-      (``Runtime._queue_samples``);
+    * after it, the latest features of up to ``samples_per_batch`` random profiles the
+      batch wrote (consent refused skipped and dropped) replace those users' vectors in
+      the sample set, capped at ``sample_cap`` users (``Runtime._sample_profiles``);
     * every ``train_every`` batches, the training pass of ``Runtime.train_once`` (the
-      stand-in for the ``CLUSTER_TRAIN_INTERVAL_SECONDS`` timer): the first model once
-      ``min_samples`` are queued, then ``Trainer.from_snapshot`` + the queued samples
-      (at most ``take_limit``), published as the next version;
+      stand-in for the ``CLUSTER_TRAIN_INTERVAL_SECONDS`` timer): once the set holds
+      ``min_samples`` users, :func:`train_model` on a random draw of at most
+      ``train_samples`` of them, published as the next version;
     * the deadline timer (``Runtime.fire_due``): deadlines at or before the watermark
       (latest event time minus the allowed lateness) are reacted to, which also
       re-assigns the cluster.
@@ -214,7 +219,7 @@ async def build_delivered(
     baselines: dict[tuple[str, str, str], StepBaseline] = {}
     step_means: dict[str, float] = {}
     snapshots: list[Snapshot] = []
-    queue: list[list[float]] = []
+    sample_set: dict[str, list[float]] = {}  # user -> latest vector (Runtime: ClusterModelStore)
     samples: list[tuple[str, int, list[float]]] = []
     history: dict[str, list[tuple[str | None, list[float]]]] = {}  # user -> (name, features) per change
     now = {"ms": T0}
@@ -256,32 +261,32 @@ async def build_delivered(
         reactions=context,
     )
 
-    def queue_samples(outcome: BatchOutcome, batch_index: int) -> None:
-        docs = [
-            d for d in outcome.profiles.values() if d.get("consent", {}).get("personalization") is not False
-        ]
-        for d in rng.sample(docs, min(samples_per_batch, len(docs))):
-            x = features(d, step_means)
-            queue.append(x)
-            samples.append((archetype_of.get(str(d.get("user_id")), "?"), batch_index, x))
-        del queue[:-queue_cap]
+    def sample_profiles(outcome: BatchOutcome, batch_index: int) -> None:
+        consenting = []
+        for pid, d in outcome.profiles.items():
+            if d.get("consent", {}).get("personalization") is False:
+                sample_set.pop(pid, None)
+            else:
+                consenting.append(pid)
+        for pid in rng.sample(consenting, min(samples_per_batch, len(consenting))):
+            x = features(outcome.profiles[pid], step_means)
+            sample_set[pid] = x
+            samples.append((archetype_of.get(pid, "?"), batch_index, x))
+        if len(sample_set) > sample_cap:
+            for pid in rng.sample(sorted(sample_set), len(sample_set) - sample_cap):
+                del sample_set[pid]
 
     def train_once() -> None:
+        if len(sample_set) < min_samples:
+            return
+        users = sorted(sample_set)
+        drawn = users if len(users) <= train_samples else rng.sample(users, train_samples)
         latest = snapshots[-1] if snapshots else None
-        if latest is None:
-            if len(queue) < min_samples:
-                return
-            trainer = Trainer(k=k, halflife=halflife, min_seed=min_samples)
-        else:
-            trainer = Trainer.from_snapshot(latest, halflife=halflife)
-        taken = queue[:take_limit]
-        del queue[:take_limit]
-        if not taken:
-            return
-        trainer.learn(taken)
-        if not trainer.ready:
-            return
-        snapshots.append(trainer.snapshot(latest, (latest.version if latest else 0) + 1, now["ms"]))
+        version = (latest.version if latest else 0) + 1
+        snap = train_model(
+            [sample_set[u] for u in drawn], latest, version=version, now_ms=now["ms"], k=k, halflife=halflife
+        )
+        snapshots.append(snap)
 
     deadlines: dict[str, int] = {}  # user -> due (ms), one partition
 
@@ -337,7 +342,7 @@ async def build_delivered(
         refresh_baselines()
         outcome = await processor.process(batch)
         note_deadlines(outcome)
-        queue_samples(outcome, batches)
+        sample_profiles(outcome, batches)
         batches += 1
         if batches % train_every == 0:
             train_once()

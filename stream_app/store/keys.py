@@ -67,7 +67,8 @@ class Keys:
 
     def cluster_model(self, kind: str) -> str:
         """The shared cluster model: ``model`` (hash version/snapshot), ``history`` (list),
-        ``samples`` (list of feature vectors), ``lease`` (who trains). One tag, one slot."""
+        ``vectors`` (hash user -> latest feature vector, the training sample set), ``lease``
+        (who trains). One tag, one slot."""
         return f"{self.prefix}:cluster-{kind}:{{cluster-model}}"
 
     def segment_sizes(self) -> str:

@@ -1,8 +1,10 @@
 """The shared cluster model in Redis: versioned snapshots, training samples, a training lease.
 
-One model serves every worker: workers push feature samples, the worker holding the
-lease trains and publishes snapshot N+1 (refused unless the stored version is N, so
-two trainers can never interleave), and every worker assigns with the latest snapshot.
+One model serves every worker: workers keep one feature vector per user (the latest
+state of a sample of the profiles each batch wrote) in a shared sample set, the worker
+holding the lease trains from a random draw of it and publishes snapshot N+1 (refused
+unless the stored version is N, so two trainers can never interleave), and every worker
+assigns with the latest snapshot. Erasure removes a user's vector.
 Snapshots are JSON (:class:`~stream_app.segments.cluster_model.Snapshot`), never
 pickle. All keys share one Cluster hash tag, so each script touches one slot.
 """
@@ -10,8 +12,9 @@ pickle. All keys share one Cluster hash tag, so each script touches one slot.
 from __future__ import annotations
 
 import abc
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -24,15 +27,20 @@ HISTORY = 10
 
 class ClusterModelStore(abc.ABC):
     @abc.abstractmethod
-    async def add_samples(self, vectors: Sequence[Sequence[float]], cap: int) -> None:
-        """Queue feature vectors for training, keeping at most the newest ``cap``."""
+    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
+        """Store each user's latest feature vector (replacing an older one); beyond ``cap``
+        users, random others are dropped."""
 
     @abc.abstractmethod
-    async def take_samples(self, limit: int) -> list[list[float]]:
-        """Remove and return up to ``limit`` queued vectors, oldest first."""
+    async def sample(self, limit: int) -> list[list[float]]:
+        """Up to ``limit`` stored vectors drawn at random (all of them when fewer), one per user."""
 
     @abc.abstractmethod
-    async def queued(self) -> int: ...
+    async def remove_samples(self, users: Sequence[str]) -> None:
+        """Forget these users' vectors (erasure, consent withdrawn)."""
+
+    @abc.abstractmethod
+    async def sample_count(self) -> int: ...
 
     @abc.abstractmethod
     async def version(self) -> int:
@@ -56,20 +64,29 @@ class ClusterModelStore(abc.ABC):
 
 class InMemoryClusterModelStore(ClusterModelStore):
     def __init__(self) -> None:
-        self.samples: list[list[float]] = []
+        self.samples: dict[str, list[float]] = {}
         self.snapshots: list[Snapshot] = []
         self.lease: tuple[str, float] | None = None
         self.clock = time.monotonic
+        self.rng = random.Random(0)
 
-    async def add_samples(self, vectors: Sequence[Sequence[float]], cap: int) -> None:
-        self.samples.extend(list(v) for v in vectors)
-        del self.samples[:-cap]
+    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
+        self.samples.update({user: list(v) for user, v in vectors.items()})
+        if len(self.samples) > cap:
+            for user in self.rng.sample(sorted(self.samples), len(self.samples) - cap):
+                del self.samples[user]
 
-    async def take_samples(self, limit: int) -> list[list[float]]:
-        taken, self.samples = self.samples[:limit], self.samples[limit:]
-        return taken
+    async def sample(self, limit: int) -> list[list[float]]:
+        users = list(self.samples)
+        if len(users) > limit:
+            users = self.rng.sample(users, limit)
+        return [list(self.samples[u]) for u in users]
 
-    async def queued(self) -> int:
+    async def remove_samples(self, users: Sequence[str]) -> None:
+        for user in users:
+            self.samples.pop(user, None)
+
+    async def sample_count(self) -> int:
         return len(self.samples)
 
     async def version(self) -> int:
@@ -96,13 +113,6 @@ class InMemoryClusterModelStore(ClusterModelStore):
         return False
 
 
-# KEYS: samples list. ARGV: limit. Oldest first (RPUSH appends, so the head is the oldest).
-_TAKE_LUA = """
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-redis.call('LTRIM', KEYS[1], #items, -1)
-return items
-"""
-
 # KEYS: model hash, history list. ARGV: version, snapshot json, history length.
 _PUBLISH_LUA = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -128,23 +138,32 @@ return 0
 class RedisClusterModelStore(ClusterModelStore):
     def __init__(self, client: AnyRedis, keys: Keys) -> None:
         self.client, self.keys = client, keys
-        self.scripts = Scripts(client, {"take": _TAKE_LUA, "publish": _PUBLISH_LUA, "lease": _LEASE_LUA})
+        self.scripts = Scripts(client, {"publish": _PUBLISH_LUA, "lease": _LEASE_LUA})
 
-    async def add_samples(self, vectors: Sequence[Sequence[float]], cap: int) -> None:
+    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
         if not vectors:
             return
-        key = self.keys.cluster_model("samples")
+        key = self.keys.cluster_model("vectors")
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, *(orjson.dumps(list(v)) for v in vectors))
-        pipe.ltrim(key, -cap, -1)
-        await pipe.execute()
+        pipe.hset(key, mapping={user: orjson.dumps(list(v)) for user, v in vectors.items()})
+        pipe.hlen(key)
+        size = int((await pipe.execute())[-1])
+        if size > cap:  # random eviction: a user's chance to stay does not depend on when they came
+            evict = await self.client.hrandfield(key, size - cap)
+            if evict:
+                await self.client.hdel(key, *evict)
 
-    async def take_samples(self, limit: int) -> list[list[float]]:
-        raw = await self.scripts.call("take", [self.keys.cluster_model("samples")], limit)
-        return [orjson.loads(r) for r in raw or []]
+    async def sample(self, limit: int) -> list[list[float]]:
+        key = self.keys.cluster_model("vectors")
+        raw: list[bytes] = await self.client.hrandfield(key, limit, withvalues=True)  # type: ignore[assignment]
+        return [orjson.loads(v) for v in (raw or [])[1::2]]  # field, value, ...; distinct fields
 
-    async def queued(self) -> int:
-        return int(await self.client.llen(self.keys.cluster_model("samples")))
+    async def remove_samples(self, users: Sequence[str]) -> None:
+        if users:
+            await self.client.hdel(self.keys.cluster_model("vectors"), *users)
+
+    async def sample_count(self) -> int:
+        return int(await self.client.hlen(self.keys.cluster_model("vectors")))
 
     async def version(self) -> int:
         raw = await self.client.hget(self.keys.cluster_model("model"), "version")

@@ -232,6 +232,23 @@ def test_every_event_twice_gives_the_profiles_of_one_pass(
     assert served_step_counts(worker) == expected_step_counts(expected)  # each completion counted once
 
 
+def committed_total(deployment: Deployment) -> int:
+    """Offsets the worker's consumer group has committed on the events topic, summed."""
+    topic = deployment.settings.topic_events
+    consumer = Consumer(
+        {
+            "bootstrap.servers": deployment.settings.kafka_bootstrap_servers,
+            "group.id": deployment.settings.app_id,
+        }
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(tp.offset, 0) for tp in committed)
+    finally:
+        consumer.close()
+
+
 def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
     deployment: Deployment, worker_factory: Any
 ) -> None:
@@ -240,6 +257,8 @@ def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
     deployment.send(events)
     first = worker_factory().start()
     wait_until(lambda: applied_total(first) >= len(events) // 4, 90, "a quarter applied", first.tail)
+    # a fast machine applies a quarter before the first offset commit (every second): wait for one
+    wait_until(lambda: committed_total(deployment) > 0, 30, "a first offset commit", first.tail)
     first.kill()  # no shutdown, no final commit
     second = worker_factory().start()
     user_ids = [pid for pid in expected if pid.startswith("user-")]

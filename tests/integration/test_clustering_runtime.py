@@ -8,12 +8,17 @@ must keep the ids of the same behaviour.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from stream_app.app import Runtime
+from stream_app.contract import iso_ms
+from stream_app.pipeline import Record
+from stream_app.segments.cluster_model import features
 from stream_app.segments.quality import build
 from stream_app.settings import Settings
 
@@ -41,7 +46,7 @@ def stored_cluster(runtime: Runtime, doc: dict[str, object]) -> str | None:
 async def test_workers_and_a_restart_share_one_model_and_its_ids(runtimes: list[Runtime]) -> None:
     first, second, restarted = runtimes
     train, held_out = await build(600, 11), await build(300, 12)
-    await first.models.add_samples(train.vectors(), cap=50_000)
+    await first.models.put_samples(train.by_user(), cap=50_000)
     assert await second.train_once() is not None or await first.train_once() is not None
     for r in runtimes:
         await r.refresh_model(force=True)
@@ -52,7 +57,7 @@ async def test_workers_and_a_restart_share_one_model_and_its_ids(runtimes: list[
 
 async def test_a_model_retrained_by_another_worker_keeps_the_ids(runtimes: list[Runtime]) -> None:
     first, second, _ = runtimes
-    await first.models.add_samples((await build(600, 21)).vectors(), cap=50_000)
+    await first.models.put_samples((await build(600, 21)).by_user(), cap=50_000)
     v1 = await first.train_once()
     assert v1 is not None
     held_out = await build(300, 22)
@@ -61,7 +66,8 @@ async def test_a_model_retrained_by_another_worker_keeps_the_ids(runtimes: list[
         cluster, _ = first.assign_cluster(doc, 0, None)
         assert cluster is not None
         before[doc["user_id"]] = cluster
-    await second.models.add_samples((await build(600, 23)).vectors(), cap=50_000)
+    # the sample set moves on: other users, and new states of some of the same ones
+    await second.models.put_samples((await build(600, 23)).by_user(), cap=50_000)
     assert await first.models.acquire_lease(first.worker_id, 300)  # the first worker is alive
     assert await second.train_once() is None  # ... and holds the lease
     await asyncio.sleep(0.4)  # ... until it lapses (the first worker died)
@@ -72,3 +78,32 @@ async def test_a_model_retrained_by_another_worker_keeps_the_ids(runtimes: list[
         cluster, _ = second.assign_cluster(doc, 0, before[doc["user_id"]])  # stored cluster + hysteresis
         kept += cluster is not None and cluster["id"] == before[doc["user_id"]]["id"]
     assert kept / len(held_out.docs) >= 0.95
+
+
+async def test_erasure_and_refused_consent_remove_the_users_training_vector(runtimes: list[Runtime]) -> None:
+    first = runtimes[0]
+    pop = await build(50, 31)
+    await first.models.put_samples(pop.by_user(), cap=50_000)
+    gone = pop.user_ids[:3]
+    await first._forget(gone)
+    assert await first.models.sample_count() == 47
+    vectors = await first.models.sample(100)
+    assert sorted(map(tuple, vectors)) == sorted(map(tuple, pop.vectors()[3:]))
+
+    # a user who says no to personalization: the next batch that writes them drops the vector
+    refuser = pop.user_ids[3]
+    event = {
+        "type": "track",
+        "event": "Feature Used",
+        "messageId": f"no-{uuid.uuid4().hex[:6]}",
+        "userId": refuser,
+        "timestamp": iso_ms(int(time.time() * 1000)),
+        "properties": {"feature": "search"},
+        "context": {"consent": {"categoryPreferences": {"personalization": False}}},
+    }
+    out = await first.handle_batch(
+        [Record(orjson.dumps(event), refuser.encode(), "onboarding.events", 0, 0, None)]
+    )
+    assert out.applied == 1
+    assert await first.models.sample_count() == 46
+    assert features(pop.docs[3], pop.step_means) not in await first.models.sample(100)

@@ -34,12 +34,27 @@ async def test_publish_only_accepts_the_next_version(store: ClusterModelStore) -
     assert [s.version for s in await store.history()] == [2, 1]
 
 
-async def test_samples_are_capped_and_taken_once(store: ClusterModelStore) -> None:
-    await store.add_samples([[float(i)] * 8 for i in range(10)], cap=6)
-    assert await store.queued() == 6
-    first, second = await asyncio.gather(store.take_samples(4), store.take_samples(4))
-    assert sorted(v[0] for v in first + second) == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]  # newest kept, none twice
-    assert await store.take_samples(4) == []
+async def test_the_sample_set_keeps_one_latest_vector_per_user(store: ClusterModelStore) -> None:
+    await store.put_samples({f"u{i}": [float(i)] * 8 for i in range(5)}, cap=100)
+    await store.put_samples({"u1": [10.0] * 8, "u5": [5.0] * 8}, cap=100)  # u1 moved on; u5 is new
+    assert await store.sample_count() == 6
+    drawn = await store.sample(100)
+    assert sorted(v[0] for v in drawn) == [0.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+    assert all(len(v) == 8 for v in drawn)
+    # a draw is random and without repeats
+    smaller = await store.sample(4)
+    assert len(smaller) == 4 and len({v[0] for v in smaller}) == 4
+    assert {v[0] for v in smaller} <= {v[0] for v in drawn}
+
+
+async def test_the_sample_set_is_capped_and_forgets_erased_users(store: ClusterModelStore) -> None:
+    await store.put_samples({f"u{i}": [float(i)] * 8 for i in range(10)}, cap=6)
+    assert await store.sample_count() == 6
+    kept = {int(v[0]) for v in await store.sample(100)}
+    assert len(kept) == 6 and kept <= set(range(10))
+    await store.remove_samples([f"u{i}" for i in kept] + ["never-seen"])
+    assert await store.sample_count() == 0 and await store.sample(10) == []
+    await store.remove_samples([])
 
 
 async def test_the_lease_is_exclusive_reentrant_and_expires(store: ClusterModelStore) -> None:

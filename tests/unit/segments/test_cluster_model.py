@@ -19,6 +19,7 @@ from stream_app.segments.cluster_model import (
     choose_cluster,
     features,
     purity,
+    train_model,
 )
 from stream_app.segments.quality import Population, simulate
 
@@ -125,6 +126,29 @@ def test_ids_survive_retraining_a_restart_and_a_reseed() -> None:
         assert same / len(held_out) >= 0.95
         assert {newer.names[c] for c in newer.centroids} == set(EXPECTED_NAMES.values())
         assert all(newer.names[c] == v1.names[c] for c in v1.centroids)
+
+
+def test_a_training_pass_is_reproducible_and_keeps_the_ids_of_the_previous_model() -> None:
+    first = population(600, 101).vectors()
+    v1 = train_model(first, None, version=1, now_ms=0)
+    assert v1 == train_model(first, None, version=1, now_ms=0)
+    assert v1.samples == len(first)
+    # the next pass: a fresh model from a sample set that moved on (other users, other order)
+    moved = population(600, 404).vectors()[::-1]
+    v2 = train_model(moved, v1, version=2, now_ms=1)
+    assert v2.version == 2 and set(v2.centroids) == set(v1.centroids) and v2.next_id == v1.next_id
+    assert all(v2.names[c] == v1.names[c] for c in v1.centroids)
+    held_out = population(400, 303).vectors()
+    same = sum(v2.nearest(x) == v1.nearest(x) for x in held_out)
+    assert same / len(held_out) >= 0.95
+    # the order in which the stream touched the users does not decide the model
+    reordered = train_model(moved[::-1], v1, version=2, now_ms=1)
+    assert sum(reordered.nearest(x) == v2.nearest(x) for x in held_out) / len(held_out) >= 0.95
+
+
+def test_a_training_pass_needs_k_samples() -> None:
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        train_model([[0.0] * len(FEATURE_NAMES)] * 3, None, version=1, now_ms=0)
 
 
 def test_hysteresis() -> None:
