@@ -230,7 +230,8 @@ def delivered_quality(
 The numbers above score a model trained on, and applied to, users' *final* profiles. The
 engine does not work that way: after each batch it puts the latest features of (a sample of)
 the profiles the batch wrote into the shared sample set (one vector per user, replaced by
-newer ones), i.e. users in the middle of their journey; the lease holder trains a fresh model
+newer ones; an anonymous id's vector is dropped when it is linked to a user), i.e. users in
+the middle of their journey; the lease holder trains a fresh model
 on a random draw of that set every `CLUSTER_TRAIN_INTERVAL_SECONDS` (`train_model`: shuffle,
 k-means++ seeding on the first 1000, river KMeans on the rest, ids matched to the previous
 snapshot) and publishes it; every profile write assigns the user with the latest snapshot and
@@ -276,8 +277,9 @@ cluster until their next event or until one of their deadlines fires (the jump a
 with the timer's pass over the 24 h onboarding-abandoned deadlines, which re-assign). A gate that
 assigns no cluster before a user shows some behaviour (a completed step, a help view, a feature)
 was tried on this replay on 2026-11-26 (a throwaway experiment, not kept) and did not help
-(end-of-stream ARI 0.81-0.87 instead of 0.89, hours 1-24 no better): the early error is the
-early models', not the users' lack of evidence. Not done: re-assigning idle users when a much better model
+(end-of-stream ARI 0.81-0.87 against 0.89 without the gate, hours 1-24 no better; measured
+before linked anonymous ids were dropped from the sample set): the early error is the early
+models', not the users' lack of evidence. Not done: re-assigning idle users when a much better model
 is published (a scan of the profiles), which is what would fix the first day of a cold start.
 
 Training-interval sensitivity (same replay, training pass every N batches of {BATCH}):
@@ -295,7 +297,9 @@ events were over-represented in the queue; centroids that stopped winning sample
 standardized coordinates under a scaler that kept learning and drifted to where no user was
 (a "passive" centroid at 6.4 completed steps out of 5). The same queued samples shuffled scored
 ARI 0.909 offline, which led to the present design: one latest vector per user, shuffled, and a
-fresh model per pass with ids carried over by matching.
+fresh model per pass with ids carried over by matching (ARI 0.892 as delivered, commit 489aad1;
+then dropping the vectors of anonymous ids once linked to a user, which counted those users a
+second time in their first minutes, gave the figures above).
 """
     return text, rows, seconds
 

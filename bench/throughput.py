@@ -261,7 +261,8 @@ Machine: {machine()}.
 |---|---|
 | events (synthetic stream, {users} users, 8 partitions) | {n} |
 | bare Faust agent (`take(2000, within=0.05)`, orjson decode only) | **{bare["rate"]:.0f} events/s** |
-| full worker (validate, dedup, identity, profile CAS write, DLQ) | **{full["rate"]:.0f} events/s** |
+| full worker (validate, dedup, identity, profile CAS write, DLQ, segments, clusters, triggers, \
+deadlines) | **{full["rate"]:.0f} events/s** |
 | full / bare | **{ratio:.0%}** (target ≥ 70%) |
 | worker batches: count / size p50 / processing time p50 | {batch_row} |
 | time inside batch processing / wall time of the run | {full["busy_s"]:.1f} s / {full["seconds"]:.1f} s |

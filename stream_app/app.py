@@ -234,16 +234,17 @@ class Runtime:
         return snap
 
     async def _sample_profiles(self, outcome: BatchOutcome) -> None:
-        """Keep the latest vector of a sample of the profiles this batch wrote; drop refusers'."""
+        """Keep the latest vector of a sample of the profiles this batch wrote; drop those of
+        users who refused personalization and of ids linked into another profile."""
         n = self.settings.cluster_samples_per_batch
         if not self.settings.cluster_enabled or n <= 0 or not outcome.profiles:
             return
         consenting: list[str] = []
-        refused: list[str] = []
+        gone = list(outcome.linked)  # a linked id's history now counts in its user's vector
         for pid, doc in outcome.profiles.items():
-            (refused if doc.get("consent", {}).get("personalization") is False else consenting).append(pid)
-        if refused:
-            await self.models.remove_samples(refused)
+            (gone if doc.get("consent", {}).get("personalization") is False else consenting).append(pid)
+        if gone:
+            await self.models.remove_samples(gone)
         picked = self.rng.sample(consenting, min(n, len(consenting)))
         vectors = {pid: features(outcome.profiles[pid], self.step_means) for pid in picked}
         await self.models.put_samples(vectors, cap=self.settings.cluster_sample_cap)

@@ -84,6 +84,7 @@ class BatchOutcome:
     profiles: dict[str, Profile] = field(default_factory=dict)  # final documents written
     effects: list[Effect] = field(default_factory=list)
     erased: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)  # ids linked into another profile by this batch
     outbox: list[dict[str, Any]] = field(default_factory=list)  # to publish before acking
     outbox_keys: list[str] = field(default_factory=list)  # mark published once published
     deadlines: dict[int, dict[str, int | None]] = field(default_factory=dict)  # partition -> user -> ms
@@ -134,9 +135,9 @@ class EventProcessor:
             else:
                 outcome.events.append((rec, parsed))
 
-        await self._link_all(
-            [(src, ev.profile_id) for _rec, ev in outcome.events if (src := _merge_source(ev)) is not None]
-        )
+        links = [(s, ev.profile_id) for _rec, ev in outcome.events if (s := _merge_source(ev)) is not None]
+        await self._link_all(links)
+        outcome.linked = list(dict.fromkeys(src for src, _target in links))
 
         by_target: dict[str, list[Event]] = {}
         partitions: dict[str, int] = {}

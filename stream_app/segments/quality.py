@@ -263,6 +263,8 @@ async def build_delivered(
 
     def sample_profiles(outcome: BatchOutcome, batch_index: int) -> None:
         consenting = []
+        for pid in outcome.linked:
+            sample_set.pop(pid, None)
         for pid, d in outcome.profiles.items():
             if d.get("consent", {}).get("personalization") is False:
                 sample_set.pop(pid, None)

@@ -80,7 +80,9 @@ async def test_a_model_retrained_by_another_worker_keeps_the_ids(runtimes: list[
     assert kept / len(held_out.docs) >= 0.95
 
 
-async def test_erasure_and_refused_consent_remove_the_users_training_vector(runtimes: list[Runtime]) -> None:
+async def test_erasure_refused_consent_and_identity_links_remove_training_vectors(
+    runtimes: list[Runtime],
+) -> None:
     first = runtimes[0]
     pop = await build(50, 31)
     await first.models.put_samples(pop.by_user(), cap=50_000)
@@ -107,3 +109,22 @@ async def test_erasure_and_refused_consent_remove_the_users_training_vector(runt
     assert out.applied == 1
     assert await first.models.sample_count() == 46
     assert features(pop.docs[3], pop.step_means) not in await first.models.sample(100)
+
+    # an anonymous visitor is sampled, then identifies: only the user's vector remains
+    now = int(time.time() * 1000)
+    visit = {
+        "type": "page",
+        "name": "Pricing",
+        "messageId": "v-1",
+        "anonymousId": "anon-9",
+        "timestamp": iso_ms(now),
+    }
+    identify = {"type": "identify", "messageId": "v-2", "anonymousId": "anon-9", "userId": "u-9"}
+    await first.handle_batch([Record(orjson.dumps(visit), b"anon-9", "onboarding.events", 0, 1, None)])
+    assert await first.models.sample_count() == 47  # every profile of a small batch is sampled
+    identify["timestamp"] = iso_ms(now + 1000)
+    out = await first.handle_batch([Record(orjson.dumps(identify), b"u-9", "onboarding.events", 0, 2, None)])
+    assert out.applied == 1 and out.linked == ["anon-9"]
+    assert first.redis is not None
+    sampled = {k.decode() for k in await first.redis.hkeys(first.keys.cluster_model("vectors"))}
+    assert "u-9" in sampled and "anon-9" not in sampled and len(sampled) == 47
