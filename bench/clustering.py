@@ -279,8 +279,13 @@ assigns no cluster before a user shows some behaviour (a completed step, a help 
 was tried on this replay on 2026-11-26 (a throwaway experiment, not kept) and did not help
 (end-of-stream ARI 0.81-0.87 against 0.89 without the gate, hours 1-24 no better; measured
 before linked anonymous ids were dropped from the sample set): the early error is the early
-models', not the users' lack of evidence. Not done: re-assigning idle users when a much better model
-is published (a scan of the profiles), which is what would fix the first day of a cold start.
+models', not the users' lack of evidence. Re-checking idle users' clusters against the latest model
+(timer deadlines 1 h, 6 h, 24 h and 72 h after a user's last event) was tried the same way and
+rejected (2026-11-26, throwaway experiment): hours 1-24 no better (ARI 0.44 at 1.2 h, 0.47 at
+16.7 h), end of stream worse (ARI 0.885 against 0.932),
+because during a cold start the models of the first day are themselves wrong and re-checks move
+users by them. What would help is a better first-day model, e.g. seeding from a model trained on
+an earlier period (not built).
 
 Training-interval sensitivity (same replay, training pass every N batches of {BATCH}):
 
