@@ -6,6 +6,7 @@ a :class:`~stream_app.errors.ConfigError` that names the environment variable.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -176,11 +177,22 @@ class Settings(BaseSettings):
             self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
         ):
             raise ValueError(
-                "kafka_security_protocol SASL_* needs KAFKA_SASL_MECHANISM, "
+                "KAFKA_SECURITY_PROTOCOL SASL_* needs KAFKA_SASL_MECHANISM, "
                 "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
             )
         if self.lifecycle_churned_after_days <= self.lifecycle_dormant_after_days:
-            raise ValueError("lifecycle_churned_after_days must exceed lifecycle_dormant_after_days")
+            raise ValueError("LIFECYCLE_CHURNED_AFTER_DAYS must exceed LIFECYCLE_DORMANT_AFTER_DAYS")
+        k = self.cluster_k
+        for name, value in (
+            ("CLUSTER_MIN_SAMPLES", self.cluster_min_samples),
+            ("CLUSTER_TRAIN_SAMPLES", self.cluster_train_samples),
+        ):
+            if value < k:
+                raise ValueError(f"{name} ({value}) must be at least CLUSTER_K ({k})")
+        if self.cluster_sample_cap < self.cluster_min_samples:
+            raise ValueError(
+                "CLUSTER_SAMPLE_CAP must be at least CLUSTER_MIN_SAMPLES, or no model is ever trained"
+            )
         return self
 
     def require_services(self) -> tuple[str, str]:
@@ -200,6 +212,10 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = first.get("loc") or ("settings",)
-            name = str(loc[0]).upper()
-            raise ConfigError(name, first.get("msg", "invalid")) from exc
+            message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+            if first.get("loc"):
+                name = str(first["loc"][0]).upper()
+            else:  # a check across settings: its message names them; the first is the culprit
+                named = re.search(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", message)
+                name = named.group(0) if named else "settings"
+            raise ConfigError(name, message) from exc

@@ -36,8 +36,27 @@ def test_bad_values_name_the_variable(
 
 def test_sasl_needs_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
-    with pytest.raises(ConfigError, match="KAFKA_SASL_MECHANISM"):
+    with pytest.raises(ConfigError, match="KAFKA_SASL_MECHANISM") as info:
         Settings.load()
+    assert info.value.setting == "KAFKA_SECURITY_PROTOCOL"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CLUSTER_K": "12", "CLUSTER_MIN_SAMPLES": "10"}, "CLUSTER_MIN_SAMPLES"),
+        ({"CLUSTER_K": "12", "CLUSTER_TRAIN_SAMPLES": "10"}, "CLUSTER_TRAIN_SAMPLES"),
+        ({"CLUSTER_SAMPLE_CAP": "150", "CLUSTER_MIN_SAMPLES": "200"}, "CLUSTER_SAMPLE_CAP"),
+    ],
+)
+def test_clustering_settings_must_fit_together(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=named) as info:
+        Settings.load()
+    assert info.value.setting == named
 
 
 def test_worker_without_services_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
