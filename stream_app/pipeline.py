@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +49,10 @@ from stream_app.profile import (
     new_profile,
     replayed_effects,
 )
-from stream_app.reactions import Reaction, ReactionContext, outbox_key, react
+from stream_app.reactions import SEGMENTS, Reaction, ReactionContext, message_id, outbox_key, react
+from stream_app.segments.changes import linked_exits
 from stream_app.store.profiles import Loaded, ProfileStore, Write
+from stream_app.triggers.decide import engine_state
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,12 @@ class EventProcessor:
             else:
                 outcome.events.append((rec, parsed))
 
-        links = [(s, ev.profile_id) for _rec, ev in outcome.events if (s := _merge_source(ev)) is not None]
-        await self._link_all(links)
-        outcome.linked = list(dict.fromkeys(src for src, _target in links))
+        link_at: dict[tuple[str, str], int] = {}
+        for _rec, ev in outcome.events:
+            if (src := _merge_source(ev)) is not None:
+                link_at.setdefault((src, ev.profile_id), ev.ts_ms)
+        _count_exits(await self._link_all(link_at), outcome)
+        outcome.linked = list(dict.fromkeys(src for src, _target in link_at))
 
         by_target: dict[str, list[Event]] = {}
         partitions: dict[str, int] = {}
@@ -162,12 +167,16 @@ class EventProcessor:
         while len(self.published) > PUBLISHED_MEMORY:
             self.published.popitem(last=False)
 
-    def _prior_outbox(self, doc: Profile, outcome: BatchOutcome) -> None:
-        """Queue a stored outbox this process has not published (a crash may have cut it off)."""
+    def _prior_outbox(self, doc: Profile, outcome: BatchOutcome) -> list[dict[str, Any]]:
+        """Queue a stored outbox this process has not published (a crash may have cut it off);
+        return its messages, which the next outbox written must carry (:func:`_carry`)."""
         key = outbox_key(doc)
-        if key is not None and key not in self.published:
-            outcome.outbox.extend(doc["engine"]["outbox"])
-            outcome.outbox_keys.append(key)
+        if key is None or key in self.published:
+            return []
+        prior = list(doc["engine"]["outbox"])
+        outcome.outbox.extend(prior)
+        outcome.outbox_keys.append(key)
+        return prior
 
     def _react(self, doc: Profile, pid: str, now_ms: int) -> Reaction | None:
         if self.reactions is None:
@@ -216,8 +225,9 @@ class EventProcessor:
             ):
                 outcome.settled.append((user, score, None))
                 continue
-            self._prior_outbox(doc, outcome)
+            unpublished = self._prior_outbox(doc, outcome)
             reaction = self._react(doc, user, now_ms)
+            _carry(doc, unpublished)
             reactions[user] = (score, reaction)
             if reaction is not None and reaction.changed:
                 writes.append(Write(user, entry.version, doc, (), require_unseen=False))
@@ -263,7 +273,7 @@ class EventProcessor:
                     if entry.doc.get("snapshot") is not None:  # type: ignore[union-attr]
                         # A link interrupted by a crash (tombstoned, not yet merged): finish it
                         # first, or these events would be applied to the user and merged again.
-                        await self._link(pid, target)
+                        _count_exits(await self._link(pid, target), outcome)
                         self.cache.pop(target, None)
                     redirects[pid] = target
                     if pid in partitions:
@@ -286,12 +296,14 @@ class EventProcessor:
                     applied_ts.append(ev.ts_ms)
                     effects.extend(apply_event(doc, ev, self.rules))
                 prior = priors[pid] = BatchOutcome()
-                self._prior_outbox(doc, prior)
+                unpublished = self._prior_outbox(doc, prior)
                 old_partition = (doc.get("engine") or {}).get("partition")
                 now_ms = (
                     max(applied_ts) if applied_ts else (doc.get("last_seen_ms") or int(self.clock() * 1000))
                 )
                 reaction = self._react(doc, pid, now_ms) if entry.doc is not None or applied_ids else None
+                if reaction is not None:
+                    _carry(doc, unpublished)
                 if reaction is not None and pid in partitions:
                     doc["engine"]["partition"] = partitions[pid]
                 if applied_ids or (reaction is not None and reaction.changed):
@@ -344,11 +356,12 @@ class EventProcessor:
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
 
-    async def _link_all(self, pairs: list[tuple[str, str]]) -> None:
-        """Run the batch's identity links; repeated identifies of linked ids cost one read."""
-        unique = list(dict.fromkeys(pairs))
+    async def _link_all(self, link_at: Mapping[tuple[str, str], int]) -> list[dict[str, Any]]:
+        """Run the batch's identity links (pair -> event time); repeated identifies of linked
+        ids cost one read. Returns the membership exits of the ids linked now."""
+        unique = list(link_at)
         if not unique:
-            return
+            return []
         for source, target in unique:
             self.cache.pop(source, None)
             self.cache.pop(target, None)
@@ -359,17 +372,18 @@ class EventProcessor:
             if targets[t].doc is None or s not in targets[t].doc.get("merged_from", ())  # type: ignore[union-attr]
         ]
         if not todo:
-            return
+            return []
         limit = asyncio.Semaphore(LINK_CONCURRENCY)
 
-        async def run(source: str, target: str) -> None:
+        async def run(source: str, target: str) -> list[dict[str, Any]]:
             async with limit:
-                await self._link(source, target)
+                return await self._link(source, target, link_at[(source, target)])
 
         # Links of different users are independent; CAS makes overlapping ones safe to race.
-        await asyncio.gather(*(run(s, t) for s, t in todo))
+        done = await asyncio.gather(*(run(s, t) for s, t in todo))
+        return [m for exits in done for m in exits]
 
-    async def _link(self, source: str, target: str) -> None:
+    async def _link(self, source: str, target: str, at_ms: int | None = None) -> list[dict[str, Any]]:
         """Link ``source`` (anonymous or previous id) to ``target``, idempotently, in three CAS steps.
 
         1. tombstone the source (``merged_into``), keeping a snapshot of its document and
@@ -394,7 +408,7 @@ class EventProcessor:
                     # first link wins: a second user cannot absorb the same anonymous history
                     self.metrics.identity_merges.labels("conflict").inc()
                     log.warning("identity link refused: the source id is already linked to another user")
-                    return
+                    return []
                 snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])  # type: ignore[union-attr]
                 tomb_version = src.version
             else:
@@ -408,10 +422,18 @@ class EventProcessor:
                 tomb_version = src.version + 1
             doc = tgt.doc if tgt.doc is not None else new_profile(target)
             outcome = "already_merged"
+            exits: list[dict[str, Any]] = []
             if source not in doc["merged_from"]:
                 if snapshot is not None:
                     merge_profiles(doc, snapshot, source)
                     outcome = "merged"
+                    # the source's memberships end; the target's outbox carries the exits, so
+                    # they are published (and re-published after a crash) like its own changes
+                    when = at_ms if at_ms is not None else (snapshot.get("last_seen_ms") or 0)
+                    exits = linked_exits(source, snapshot.get("engine"), when)
+                    if exits:
+                        state = engine_state(doc)
+                        state["outbox"] = [*state.get("outbox", []), *(_segment_msg(m) for m in exits)]
                 else:
                     doc["merged_from"] = [*doc["merged_from"], source][:MAX_MERGED_IDS]
                     outcome = "linked"
@@ -420,7 +442,7 @@ class EventProcessor:
             if snapshot is not None:
                 await self.store.save([Write(source, tomb_version, {"merged_into": target})])
             self.metrics.identity_merges.labels(outcome).inc()
-            return
+            return exits
         raise RuntimeError("identity link kept conflicting; will retry the batch")
 
     async def _erase(self, profile_ids: list[str], outcome: BatchOutcome) -> None:
@@ -448,6 +470,28 @@ class EventProcessor:
         await self.store.erase(all_ids)
         outcome.erased.extend(profile_ids)
         self.metrics.profiles_erased.inc(len(profile_ids))
+
+
+def _carry(doc: Profile, unpublished: list[dict[str, Any]]) -> None:
+    """Keep messages not yet known to be published in the outbox a reaction just replaced,
+    so a crash before this batch publishes cannot lose them (they go out again, same ids)."""
+    state = doc.get("engine")
+    if not unpublished or state is None:
+        return
+    fresh = state.get("outbox") or []
+    ids = {message_id(m) for m in fresh}
+    state["outbox"] = [*(m for m in unpublished if message_id(m) not in ids), *fresh]
+
+
+def _segment_msg(value: dict[str, Any]) -> dict[str, Any]:
+    return {"to": SEGMENTS, "value": value}
+
+
+def _count_exits(exits: list[dict[str, Any]], outcome: BatchOutcome) -> None:
+    """Segment sizes lose the memberships that ended with a link (counted once, when linked)."""
+    for value in exits:
+        key = f"{value['source']}:{value['segment']}"
+        outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) - 1
 
 
 def _merge_source(ev: Event) -> str | None:

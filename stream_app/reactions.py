@@ -89,9 +89,15 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
     return Reaction(outbox, decisions.suppressed, min(deadlines) if deadlines else None, changed)
 
 
+def message_id(message: Mapping[str, Any]) -> str:
+    """The idempotency key of an outbox message (trigger_id or change_id)."""
+    value = message["value"]
+    return str(value.get("trigger_id") or value.get("change_id"))
+
+
 def outbox_key(doc: Profile | None) -> str | None:
     """Identity of a document's outbox (None when empty): the ids of its messages."""
     outbox = ((doc or {}).get("engine") or {}).get("outbox") or []
     if not outbox:
         return None
-    return ",".join(str(m["value"].get("trigger_id") or m["value"].get("change_id")) for m in outbox)
+    return ",".join(message_id(m) for m in outbox)

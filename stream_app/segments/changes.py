@@ -79,3 +79,23 @@ def cluster_changes(
     if now:
         out.append(_message(user_id, now["name"], "cluster", "entered", at_ms, why, cluster_id=now["id"]))
     return out
+
+
+def linked_exits(source_id: str, engine: Mapping[str, Any] | None, at_ms: int) -> list[dict[str, Any]]:
+    """Exits of every membership ``source_id`` had when it is linked into another profile.
+
+    An anonymous visitor's profile can join segments (and a cluster) before the visitor
+    identifies; once linked, its history counts in the user's profile and the id itself
+    has no profile any more, so its memberships end here.
+    """
+    state = engine or {}
+    why = "linked into another profile (identify/alias)"
+    out = [
+        _message(source_id, name, "rule", "exited", at_ms, why) for name in sorted(state.get("segments", []))
+    ]
+    cluster = state.get("cluster")
+    if cluster:
+        out.append(
+            _message(source_id, cluster["name"], "cluster", "exited", at_ms, why, cluster_id=cluster["id"])
+        )
+    return out

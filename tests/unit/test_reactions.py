@@ -149,6 +149,21 @@ async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -
     assert (await restarted.process(batch)).outbox == []  # published once here: not again
 
 
+async def test_messages_survive_two_crashes_when_the_profile_changes_in_between() -> None:
+    """Batch 1 is written and not published; batch 2 (new events, a new outbox) is written
+    and not published either: the redelivery after the second crash still sends both."""
+    store = InMemoryProfileStore()
+    one = records(start())
+    two = records(track("Onboarding Completed", "oc", at=10, flow="signup"))
+    first = await processor(store).process(one)  # crash before publishing
+    second = await processor(store).process(one + two)  # batch 1 redelivered with batch 2; crash again
+    assert sent(second, TRIGGERS)  # batch 2 decided something new
+    third = await processor(store).process(one + two)
+    ids = {m["value"].get("trigger_id") or m["value"]["change_id"] for m in third.outbox}
+    for m in first.outbox + second.outbox:
+        assert (m["value"].get("trigger_id") or m["value"]["change_id"]) in ids
+
+
 async def test_erasure_drops_pending_messages_and_deadlines() -> None:
     store = InMemoryProfileStore()
     p = processor(store)
@@ -210,3 +225,35 @@ async def test_messages_match_their_published_schemas() -> None:
         (segments if m["to"] == SEGMENTS else triggers).validate(m["value"])
         kinds.add(m["to"])
     assert kinds >= {SEGMENTS, TRIGGERS} or kinds >= {SEGMENTS, HOLDOUT}
+
+
+async def test_an_anonymous_ids_memberships_end_when_it_is_linked() -> None:
+    """A visitor's profile joins segments before they identify; the link ends those
+    memberships (published once, sizes decremented) and the user carries on."""
+    store = InMemoryProfileStore()
+    p = processor(store)
+    visit = await process(p, records(start(uid="", mid="a1") | {"anonymousId": "anon-7"}))
+    joined = {c["segment"] for c in sent(visit, SEGMENTS) if c["user_id"] == "anon-7"}
+    assert joined and visit.size_deltas == {f"rule:{s}": 1 for s in joined}
+    identify = ev("identify", "i1", uid="u7", anon="anon-7", at=5)
+    linked = await process(p, records(identify))
+    exits = [c for c in sent(linked, SEGMENTS) if c["user_id"] == "anon-7"]
+    assert {(c["segment"], c["change"]) for c in exits} == {(s, "exited") for s in joined}
+    assert all(c["reason"].startswith("linked into another profile") for c in exits)
+    assert all(linked.size_deltas.get(f"rule:{s}", 0) == 0 for s in joined)  # u7 entered, anon-7 left
+    assert {c["segment"] for c in sent(linked, SEGMENTS) if c["user_id"] == "u7"} == joined
+    # a redelivered identify links nothing again and publishes no second exit
+    again = await process(p, records(identify))
+    assert [c for c in sent(again, SEGMENTS) if c["user_id"] == "anon-7"] == []
+    assert again.size_deltas == {}
+
+
+async def test_link_exits_survive_a_crash_before_publishing() -> None:
+    store = InMemoryProfileStore()
+    await process(processor(store), records(start(uid="", mid="a1") | {"anonymousId": "anon-8"}))
+    crashed = processor(store)
+    await crashed.process(records(ev("identify", "i1", uid="u8", anon="anon-8", at=5)))  # never published
+    restarted = processor(store)
+    replay = await process(restarted, records(ev("identify", "i1", uid="u8", anon="anon-8", at=5)))
+    exits = [c for c in sent(replay, SEGMENTS) if c["user_id"] == "anon-8"]
+    assert exits and all(c["change"] == "exited" for c in exits)
