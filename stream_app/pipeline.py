@@ -199,10 +199,7 @@ class EventProcessor:
                 continue
             if value["source"] == "cluster" and value["change"] == "exited":
                 outcome.cluster_moves += 1
-            key = f"{value['source']}:{value['segment']}"
-            outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) + (
-                1 if value["change"] == "entered" else -1
-            )
+            _count_change(value, outcome)
 
     async def fire(self, partition: int, due: Sequence[tuple[str, int]], now_ms: int) -> BatchOutcome:
         """The timer: react to the passage of time for users whose deadline (score) is due.
@@ -432,8 +429,9 @@ class EventProcessor:
                     when = at_ms if at_ms is not None else (snapshot.get("last_seen_ms") or 0)
                     exits = linked_exits(source, snapshot.get("engine"), when)
                     if exits:
-                        state = engine_state(doc)
-                        state["outbox"] = [*state.get("outbox", []), *(_segment_msg(m) for m in exits)]
+                        state = engine_state(doc)  # an outbox published here is replaced, not re-sent
+                        kept = [] if outbox_key(doc) in self.published else state.get("outbox", [])
+                        state["outbox"] = [*kept, *(_segment_msg(m) for m in exits)]
                 else:
                     doc["merged_from"] = [*doc["merged_from"], source][:MAX_MERGED_IDS]
                     outcome = "linked"
@@ -487,11 +485,16 @@ def _segment_msg(value: dict[str, Any]) -> dict[str, Any]:
     return {"to": SEGMENTS, "value": value}
 
 
+def _count_change(value: dict[str, Any], outcome: BatchOutcome) -> None:
+    """A segment change moves the segment's size (``source:segment``) by one."""
+    key = f"{value['source']}:{value['segment']}"
+    outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) + (1 if value["change"] == "entered" else -1)
+
+
 def _count_exits(exits: list[dict[str, Any]], outcome: BatchOutcome) -> None:
     """Segment sizes lose the memberships that ended with a link (counted once, when linked)."""
     for value in exits:
-        key = f"{value['source']}:{value['segment']}"
-        outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) - 1
+        _count_change(value, outcome)
 
 
 def _merge_source(ev: Event) -> str | None:
