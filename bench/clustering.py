@@ -365,7 +365,7 @@ def main() -> None:
     means = held_out.step_means
     feat_us = median_us(lambda: [features(d, means) for d in docs], len(docs))
     assign_us = median_us(lambda: [choose_cluster(None, v1.distances(x)) for x in xs], len(xs))
-    learn_us = median_us(lambda: Trainer.from_snapshot(v1).learn(xs), len(xs))
+    learn_us = median_us(lambda: chosen.learn(xs), len(xs))  # v1 is already exported
     pass_xs = (retrain.vectors() + xs + train.vectors())[:5000]
     pass_s = median_us(lambda: train_model(pass_xs, v1, version=2, now_ms=0), 1, 3) / 1e6
     ctx = ReactionContext(

@@ -178,7 +178,7 @@ def name_clusters(centroids: Mapping[str, Sequence[float]]) -> dict[str, str]:
 
 @dataclass
 class Trainer:
-    """A river StandardScaler + KMeans, restorable from a snapshot on any worker."""
+    """A river StandardScaler + KMeans, seeded by k-means++; exported as a :class:`Snapshot`."""
 
     k: int = 4
     seed: int = 7
@@ -264,21 +264,6 @@ class Trainer:
         return Snapshot(
             version, now_ms, means, stds, centroids, name_clusters(centroids), self.seen, next_id=next_id
         )
-
-    @classmethod
-    def from_snapshot(cls, snap: Snapshot, seed: int = 7, halflife: float = 0.02) -> Trainer:
-        """Continue training where a snapshot left off (another worker, after a restart)."""
-        t = cls(k=len(snap.centroids), seed=seed, halflife=halflife)
-        for f, m, s in zip(FEATURE_NAMES, snap.means, snap.stds, strict=True):
-            t.scaler.counts[f] = snap.samples
-            t.scaler.means[f] = m
-            t.scaler.vars[f] = s * s
-        t.kmeans = cluster.KMeans(n_clusters=t.k, halflife=halflife, seed=seed)
-        for i, cid in enumerate(sorted(snap.centroids)):  # ids are re-matched by snapshot()
-            for j, f in enumerate(FEATURE_NAMES):
-                t.kmeans.centers[i][f] = snap.centroids[cid][j]
-        t.seen = snap.samples
-        return t
 
 
 def train_model(

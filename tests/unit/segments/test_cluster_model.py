@@ -116,9 +116,8 @@ def test_quality_on_held_out_users_meets_the_target() -> None:
 
 def test_ids_survive_retraining_a_restart_and_a_reseed() -> None:
     v1 = trained(seed=7).snapshot(None, 1, 0)
-    restarted = Trainer.from_snapshot(v1)  # another worker after a restart
-    restarted.learn(population(600, 404).vectors())
-    v2 = restarted.snapshot(v1, 2, 1)
+    # the next training pass, on another worker after a restart (the model lives in the store)
+    v2 = train_model(population(600, 404).vectors(), v1, version=2, now_ms=1)
     reseeded = trained(seed=99, data_seed=505).snapshot(v2, 3, 2)  # trained from scratch, other data
     held_out = population(400, 303).vectors()
     for newer in (v2, reseeded):
