@@ -26,7 +26,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from stream_app.contract import ContractRules, iso_ms
+from stream_app.clock import watermark_candidate
+from stream_app.contract import ContractRules, blocked_id_set, iso_ms
+from stream_app.identity import IdentityRules
 from stream_app.errors import ConfigError
 from stream_app.metrics import Metrics
 from stream_app.paths import CONFIG_DIR
@@ -56,6 +58,13 @@ def contract_rules(settings: Settings) -> ContractRules:
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
         pii_salt=settings.pii_hash_salt.get_secret_value().encode(),
+        blocked_ids=blocked_id_set(settings.identity_blocked_ids),
+    )
+
+
+def identity_rules(settings: Settings) -> IdentityRules:
+    return IdentityRules(
+        max_merged_ids=settings.identity_max_merged_ids, merge_identified=settings.identity_merge_identified
     )
 
 
@@ -149,6 +158,7 @@ class Runtime:
             step_stats=self._fold_step_durations,
             on_erase=self._forget,
             reactions=self.reaction_context,
+            identity=identity_rules(settings),
         )
         self.baselines: dict[tuple[str, str, str], StepBaseline] = {}
         self.baselines_read_at = 0.0
@@ -340,8 +350,10 @@ class Runtime:
         phase.labels("segments_and_samples").observe(t3 - t2)
         wall_ms = int(time.time() * 1000)
         latest: dict[int, int] = {}
-        for rec, ev in outcome.events:
-            latest[rec.partition] = max(latest.get(rec.partition, ev.ts_ms), ev.ts_ms)
+        for rec in records:  # record timestamps only: no client clock moves shared time
+            ts = watermark_candidate(rec.timestamp_ms, wall_ms)
+            if ts is not None:
+                latest[rec.partition] = max(latest.get(rec.partition, ts), ts)
         advanced = {p: ts for p, ts in latest.items() if ts > self.marks.get(p, (-1, 0))[0]}
         await self.deadlines.record_batch(outcome.deadlines, advanced, wall_ms)
         for partition, ts_ms in advanced.items():
@@ -381,13 +393,15 @@ class Runtime:
         m.cluster_reassignments.inc(outcome.cluster_moves)
 
     async def watermark_ms(self, partition: int) -> int | None:
-        """Event-time watermark of a partition (README "Time semantics").
+        """Watermark of a partition, in trusted time (README "Time semantics", :mod:`stream_app.clock`).
 
-        The greatest event time read from it, minus the allowed lateness; while the worker
-        has read everything in the partition, plus the wall-clock time since that event was
-        read, so an idle partition's deadlines still come due. While a backlog is being
-        read it advances only with the events, so completions still unread in the backlog
-        cannot be missed by a stall that fires too early.
+        The greatest Kafka record timestamp read from it (never past the wall clock), minus
+        the allowed lateness; while the worker has read everything in the partition, plus
+        the wall-clock time since that record was read, so an idle partition's deadlines
+        still come due. While a backlog is being read it advances only with the records, so
+        completions still unread in the backlog cannot be missed by a stall that fires too
+        early. Client timestamps never move it: one fast client clock cannot fire others'
+        deadlines.
         """
         mark = self.marks.get(partition)
         if mark is None:  # not read since this worker got the partition
@@ -465,6 +479,7 @@ class Runtime:
             for reason, count in Counter(inv.reason.value for _rec, inv in outcome.dead_letters).items():
                 m.events_invalid.labels(reason).inc(count)
         m.events_duplicate.inc(outcome.duplicates)
+        m.events_clock_ahead.inc(sum(1 for _rec, ev in outcome.events if ev.ahead_ms > 0))
         m.events_applied.inc(outcome.applied)
         m.last_batch_unixtime.set(time.time())
 

@@ -4,6 +4,17 @@
 :class:`Event` or an :class:`Invalid` with a machine-readable reason. It never
 raises on input. It is the executable twin of ``schemas/onboarding.events.schema.json``;
 ``tests/unit/test_contract.py`` checks that both accept and reject the same documents.
+
+Time: ``Event.ts_ms`` is the client's ``timestamp``, corrected for the client's clock
+when the event carries ``sentAt`` (Segment's rule, ``receivedAt - (sentAt - timestamp)``;
+an event with ``originalTimestamp`` was corrected by the collector already), and never
+later than the Kafka record timestamp, which a producer or broker clock set after the
+event happened: a client clock that runs ahead cannot put an event in the future.
+
+Identity: ids that SDK bugs send (``"undefined"``, ``"null"``, ``"0"``...) are listed in
+``ContractRules.blocked_ids``; such a ``userId``/``anonymousId`` is treated as absent, so
+it can never become a profile that collects strangers' events.
+
 Raw PII never leaves this module: ``context.ip`` is dropped, email/phone traits are
 replaced by salted hashes.
 """
@@ -20,7 +31,7 @@ from typing import Any
 
 import orjson
 
-EVENT_TYPES = frozenset({"identify", "track", "page", "alias"})
+EVENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_ID_LENGTH = 256
 
 STEP_STARTED = "Onboarding Step Started"
@@ -58,6 +69,7 @@ class Reason(StrEnum):
     BAD_TIMESTAMP = "bad_timestamp"
     WRONG_TYPE = "wrong_type"
     MISSING_FIELD = "missing_field"
+    BLOCKED_ID = "blocked_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,11 @@ class Event:
     country: str | None = None
     city: str | None = None
     locale: str | None = None
+    #: Kafka record timestamp (producer or broker clock): the trusted time the event was received
+    received_ms: int | None = None
+    #: how far the client's (corrected) time was ahead of ``received_ms`` before it was capped
+    ahead_ms: int = 0
+    group_id: str | None = None  # group: the account/company id
 
     @property
     def profile_id(self) -> str:
@@ -109,6 +126,61 @@ class ContractRules:
     max_event_bytes: int = 64 * 1024
     max_future_skew_ms: int = 86_400_000
     pii_salt: bytes = b"dev-only-salt-change-me"
+    #: ids treated as absent, compared after trimming and lower-casing (:func:`blocked_id_set`)
+    blocked_ids: frozenset[str] = field(default_factory=lambda: DEFAULT_BLOCKED_IDS)
+
+
+#: Values SDKs and bugs send where an id belongs (Segment and RudderStack block such lists).
+#: Compared after trimming and lower-casing; an empty or blank id is always absent.
+DEFAULT_BLOCKED_IDS: frozenset[str] = frozenset(
+    {
+        "null",
+        "undefined",
+        "none",
+        "nil",
+        "nan",
+        "0",
+        "-1",
+        "anonymous",
+        "unknown",
+        "[object object]",
+        "{}",
+        "[]",
+        '""',
+        "''",
+        "00000000-0000-0000-0000-000000000000",
+    }
+)
+
+
+def blocked_id_set(values: str | None) -> frozenset[str]:
+    """The blocked-id list from a comma-separated setting (None: the defaults)."""
+    if values is None:
+        return DEFAULT_BLOCKED_IDS
+    return frozenset(v.strip().lower() for v in values.split(",") if v.strip())
+
+
+def is_blocked_id(value: str, blocked: frozenset[str]) -> bool:
+    text = value.strip()
+    return not text or text.lower() in blocked
+
+
+_REGEX_SPECIALS = set("\\^$.|?*+()[]{}")
+
+
+def blocked_id_pattern(blocked: frozenset[str] = DEFAULT_BLOCKED_IDS) -> str:
+    """The blocked ids as a case-insensitive regex without flags (JSON Schema has none):
+    ``schemas/onboarding.events.schema.json`` carries it, a test keeps the two in step."""
+
+    def one(value: str) -> str:
+        return "".join(
+            f"[{c.upper()}{c.lower()}]"
+            if c.upper() != c.lower()
+            else ("\\" + c if c in _REGEX_SPECIALS else c)
+            for c in value
+        )
+
+    return "^\\s*(?:" + "|".join(one(v) for v in sorted(blocked)) + ")?\\s*$"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -291,7 +363,7 @@ def _parse_object(
 
     etype = doc.get("type")
     if not isinstance(etype, str) or etype not in EVENT_TYPES:
-        return Invalid(Reason.UNKNOWN_TYPE, f"type {etype!r} is not one of identify, track, page, alias")
+        return Invalid(Reason.UNKNOWN_TYPE, f"type {etype!r} is not one of {', '.join(sorted(EVENT_TYPES))}")
 
     user_id = _opt_str(doc, "userId")
     if isinstance(user_id, Invalid):
@@ -299,24 +371,27 @@ def _parse_object(
     anonymous_id = _opt_str(doc, "anonymousId")
     if isinstance(anonymous_id, Invalid):
         return anonymous_id
+    blocked = rules.blocked_ids
+    if user_id is not None and is_blocked_id(user_id, blocked):
+        user_id = None  # an SDK's placeholder, not a person: the event stays anonymous
+    if anonymous_id is not None and is_blocked_id(anonymous_id, blocked):
+        anonymous_id = None
     if not user_id and not anonymous_id:
+        if doc.get("userId") or doc.get("anonymousId"):
+            return Invalid(
+                Reason.BLOCKED_ID,
+                f"userId/anonymousId {str(doc.get('userId') or doc.get('anonymousId'))[:40]!r} "
+                "is a blocked placeholder value and there is no other id",
+            )
         return Invalid(Reason.MISSING_USER_ID, "userId or anonymousId is required")
 
-    ts_raw = doc.get("timestamp")
-    if ts_raw is None:
-        if broker_ts_ms is None:
-            return Invalid(Reason.BAD_TIMESTAMP, "no timestamp and no record timestamp")
-        ts_ms = broker_ts_ms
-    elif not isinstance(ts_raw, str):
-        return Invalid(Reason.BAD_TIMESTAMP, "timestamp must be an ISO-8601 string")
-    else:
-        try:
-            ts_ms = parse_timestamp(ts_raw)
-        except (ValueError, OverflowError, OSError):
-            return Invalid(Reason.BAD_TIMESTAMP, f"timestamp {ts_raw[:64]!r} is not ISO-8601")
+    times = _event_time(doc, broker_ts_ms)
+    if isinstance(times, Invalid):
+        return times
+    ts_ms, ahead_ms = times
     if ts_ms < 946_684_800_000:  # 2000-01-01
         return Invalid(Reason.BAD_TIMESTAMP, "timestamp is before 2000-01-01")
-    if ts_ms > now_ms + rules.max_future_skew_ms:
+    if ts_ms + ahead_ms > now_ms + rules.max_future_skew_ms:
         return Invalid(Reason.BAD_TIMESTAMP, "timestamp is too far in the future")
 
     context = _opt_obj(doc, "context", "context")
@@ -354,7 +429,7 @@ def _parse_object(
     page_name = _opt_str(doc, "name")
     if isinstance(page_name, Invalid):
         return page_name
-    if etype == "page":
+    if etype in ("page", "screen"):
         name = page_name
 
     previous_id: str | None = None
@@ -364,9 +439,24 @@ def _parse_object(
     if etype == "alias":
         if not prev:
             return Invalid(Reason.MISSING_FIELD, "alias events need previousId")
+        if is_blocked_id(prev, blocked):
+            return Invalid(Reason.BLOCKED_ID, f"previousId {prev[:40]!r} is a blocked placeholder value")
         if not user_id:
+            if doc.get("userId"):
+                return Invalid(Reason.BLOCKED_ID, "alias userId is a blocked placeholder value")
             return Invalid(Reason.MISSING_FIELD, "alias events need userId")
         previous_id = prev
+
+    group_id: str | None = None
+    if etype == "group":
+        gid = doc.get("groupId")
+        if isinstance(gid, int) and not isinstance(gid, bool):
+            gid = str(gid)  # analytics SDKs pass numeric account ids through
+        if gid is None or gid == "":
+            return Invalid(Reason.MISSING_FIELD, "group events need groupId")
+        if not isinstance(gid, str) or len(gid) > MAX_ID_LENGTH:
+            return _wrong("groupId", f"a string of at most {MAX_ID_LENGTH} characters")
+        group_id = gid
 
     consent: bool | None = None
     consent_doc = context.get("consent")
@@ -391,11 +481,56 @@ def _parse_object(
         ts_ms=ts_ms,
         name=name,
         properties=properties,
-        traits=_sanitize_traits(traits_doc, rules.pii_salt) if etype == "identify" else None,
+        traits=_sanitize_traits(traits_doc, rules.pii_salt) if etype in ("identify", "group") else None,
         previous_id=previous_id,
         consent_personalization=consent,
         device=_normalize_device(context),
         country=country.strip().upper() if isinstance(country, str) and country.strip() else None,
         city=city.strip() if isinstance(city, str) and city.strip() else None,
         locale=locale.strip() if isinstance(locale, str) and locale.strip() else None,
+        received_ms=broker_ts_ms,
+        ahead_ms=ahead_ms,
+        group_id=group_id,
     )
+
+
+def _iso_field(doc: dict[str, Any], key: str) -> int | Invalid | None:
+    raw = doc.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        return Invalid(Reason.BAD_TIMESTAMP, f"{key} must be an ISO-8601 string")
+    try:
+        return parse_timestamp(raw)
+    except (ValueError, OverflowError, OSError):
+        return Invalid(Reason.BAD_TIMESTAMP, f"{key} {raw[:64]!r} is not ISO-8601")
+
+
+def _event_time(doc: dict[str, Any], record_ms: int | None) -> tuple[int, int] | Invalid:
+    """(event time, how far it was ahead of the record timestamp before being capped).
+
+    The client's ``timestamp`` (the record time when absent); corrected by ``sentAt`` as
+    Segment does unless ``originalTimestamp`` says the collector did it already; capped at
+    the record timestamp (see the module docstring).
+    """
+    stamped = _iso_field(doc, "timestamp")
+    if isinstance(stamped, Invalid):
+        return stamped
+    if stamped is None:
+        if record_ms is None:
+            return Invalid(Reason.BAD_TIMESTAMP, "no timestamp and no record timestamp")
+        return record_ms, 0
+    ts_ms = stamped
+    if "originalTimestamp" not in doc:
+        sent = _iso_field(doc, "sentAt")
+        received = _iso_field(doc, "receivedAt")
+        if isinstance(sent, Invalid):
+            return sent
+        if isinstance(received, Invalid):
+            return received
+        received = received if received is not None else record_ms
+        if sent is not None and received is not None:
+            ts_ms = received - (sent - ts_ms)
+    if record_ms is not None and ts_ms > record_ms:
+        return record_ms, ts_ms - record_ms
+    return ts_ms, 0

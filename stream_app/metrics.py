@@ -58,6 +58,12 @@ class Metrics:
             "Valid events dropped because their messageId was already applied.",
             registry=r,
         )
+        self.events_clock_ahead = Counter(
+            "onboarding_events_clock_ahead_total",
+            "Events whose client timestamp was later than their Kafka record timestamp (a fast client "
+            "clock); their time was capped at the record time.",
+            registry=r,
+        )
         self.events_applied = Counter(
             "onboarding_events_applied_total", "Events applied to a profile.", registry=r
         )
@@ -103,7 +109,8 @@ class Metrics:
         )
         self.identity_merges = Counter(
             "onboarding_identity_merges_total",
-            "Identity links by outcome (merged, linked, already_merged, conflict).",
+            "Identity links by outcome (merged, linked, already_merged, conflict, refused_identified, "
+            "refused_limit).",
             ["outcome"],
             registry=r,
         )

@@ -34,10 +34,11 @@ from typing import Any
 
 import orjson
 
+from stream_app.clock import note_offset, to_trusted, to_user
 from stream_app.contract import ContractRules, Event, Invalid, parse_event
+from stream_app.identity import IdentityRules, refuse_link
 from stream_app.metrics import Metrics
 from stream_app.profile import (
-    MAX_MERGED_IDS,
     Effect,
     EraseRequested,
     Profile,
@@ -110,8 +111,10 @@ class EventProcessor:
         clock: Callable[[], float] = time.time,
         cache_size: int = 0,
         reactions: Callable[[], ReactionContext] | None = None,
+        identity: IdentityRules | None = None,
     ) -> None:
         self.store = store
+        self.identity = identity or IdentityRules()
         self.contract = contract
         self.rules = rules
         self.metrics = metrics
@@ -223,7 +226,7 @@ class EventProcessor:
                 outcome.settled.append((user, score, None))
                 continue
             unpublished = self._prior_outbox(doc, outcome)
-            reaction = self._react(doc, user, now_ms)
+            reaction = self._react(doc, user, to_user(doc, now_ms))
             _carry(doc, unpublished)
             reactions[user] = (score, reaction)
             if reaction is not None and reaction.changed:
@@ -239,7 +242,7 @@ class EventProcessor:
             if user in written:
                 self._remember(user, written[user].expected_version + 1, doc)
                 self._settle_reaction(user, doc, reaction, outcome)
-            outcome.settled.append((user, score, reaction.deadline_ms if reaction else None))
+            outcome.settled.append((user, score, to_trusted(doc, reaction.deadline_ms) if reaction else None))
         return outcome
 
     async def _apply(
@@ -279,6 +282,7 @@ class EventProcessor:
                 doc = entry.doc if entry.doc is not None else new_profile(pid)
                 applied_ids: list[str] = []
                 applied_ts: list[int] = []
+                applied: list[Event] = []
                 effects: list[Effect] = []
                 duplicates = 0
                 seen_in_batch: set[str] = set()
@@ -291,7 +295,9 @@ class EventProcessor:
                     seen_in_batch.add(ev.message_id)
                     applied_ids.append(ev.message_id)
                     applied_ts.append(ev.ts_ms)
+                    applied.append(ev)
                     effects.extend(apply_event(doc, ev, self.rules))
+                note_offset(doc, applied)
                 prior = priors[pid] = BatchOutcome()
                 unpublished = self._prior_outbox(doc, prior)
                 old_partition = (doc.get("engine") or {}).get("partition")
@@ -333,7 +339,7 @@ class EventProcessor:
                     self._settle_reaction(pid, doc, reaction, outcome)
                 if reaction is not None and pid in partitions:
                     part = partitions[pid]
-                    outcome.deadlines.setdefault(part, {})[pid] = reaction.deadline_ms
+                    outcome.deadlines.setdefault(part, {})[pid] = to_trusted(doc, reaction.deadline_ms)
                     if old_partition is not None and old_partition != part:
                         outcome.deadlines.setdefault(old_partition, {})[pid] = None
                 if applied_ts:
@@ -409,6 +415,15 @@ class EventProcessor:
                 snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])  # type: ignore[union-attr]
                 tomb_version = src.version
             else:
+                if source not in (tgt.doc or {}).get("merged_from", ()) and (
+                    refused := refuse_link(src.doc, tgt.doc, self.identity)
+                ):
+                    self.metrics.identity_merges.labels(refused).inc()
+                    log.warning(
+                        "identity link refused",
+                        extra={"reason": refused, "merged_ids": len((tgt.doc or {}).get("merged_from", ()))},
+                    )
+                    return []
                 if src.doc is not None:
                     snapshot, seen = src.doc, await self.store.seen_ids(source)
                 tomb: Profile = {"merged_into": target}
@@ -433,7 +448,7 @@ class EventProcessor:
                         kept = [] if outbox_key(doc) in self.published else state.get("outbox", [])
                         state["outbox"] = [*kept, *(_segment_msg(m) for m in exits)]
                 else:
-                    doc["merged_from"] = [*doc["merged_from"], source][:MAX_MERGED_IDS]
+                    doc["merged_from"] = [*doc["merged_from"], source]
                     outcome = "linked"
                 if await self.store.save([Write(target, tgt.version, doc, seen, require_unseen=False)]):
                     continue

@@ -31,7 +31,7 @@ Profile = dict[str, Any]
 MAX_EVENT_NAMES = 100
 MAX_FEATURES = 200
 MAX_RECENT_SESSIONS = 20  # enough for sessions-per-week; each costs ~14 bytes per write
-MAX_MERGED_IDS = 50
+MAX_GROUPS = 10
 OTHER = "(other)"
 SESSION_START_MERGE_MS = 60_000
 
@@ -87,6 +87,8 @@ def new_profile(profile_id: str) -> Profile:
         "consent": {"personalization": None, "updated_ms": None},
         "lifecycle": "new",
         "merged_from": [],
+        "identified": False,
+        "groups": {},
     }
 
 
@@ -148,13 +150,32 @@ def apply_event(doc: Profile, event: Event, rules: ProfileRules) -> list[Effect]
             consent["personalization"] = event.consent_personalization
             consent["updated_ms"] = ts
 
+    if event.user_id is not None:
+        doc["identified"] = True  # a user id, not only an anonymous visitor (identity.py)
     if event.type == "identify" and event.traits:
         doc["traits"].update(event.traits)
+    elif event.type == "group" and event.group_id is not None:
+        _apply_group(doc, event)
     elif event.type == "track":
         effects.extend(_apply_track(doc, event))
 
     doc["lifecycle"] = lifecycle_stage(doc, max(ts, doc["last_seen_ms"]), rules)
     return effects
+
+
+def _apply_group(doc: Profile, event: Event) -> None:
+    """The account/company the user belongs to: its latest traits, at most MAX_GROUPS groups."""
+    groups: dict[str, dict[str, Any]] = doc.setdefault("groups", {})
+    gid = event.group_id
+    assert gid is not None
+    entry = groups.get(gid)
+    if entry is None:
+        if len(groups) >= MAX_GROUPS:
+            return
+        entry = groups[gid] = {"traits": {}, "updated_ms": event.ts_ms}
+    if event.ts_ms >= entry["updated_ms"]:
+        entry["traits"].update(event.traits or {})
+        entry["updated_ms"] = event.ts_ms
 
 
 def _flow(doc: Profile, flow: str, ts: int) -> dict[str, Any]:
@@ -302,8 +323,14 @@ def merge_profiles(target: Profile, source: Profile, source_id: str) -> None:
         target["consent"]["updated_ms"] is None or src_consent["updated_ms"] > target["consent"]["updated_ms"]
     ):
         target["consent"] = dict(src_consent)
+    for gid, group in source.get("groups", {}).items():
+        groups = target.setdefault("groups", {})
+        if gid not in groups and len(groups) < MAX_GROUPS:
+            groups[gid] = group
+    target["identified"] = bool(target.get("identified") or source.get("identified"))
+    # never truncated: erasure follows this list (the link is refused beyond the limit instead)
     merged = [*target["merged_from"], source_id, *source.get("merged_from", [])]
-    target["merged_from"] = list(dict.fromkeys(merged))[:MAX_MERGED_IDS]
+    target["merged_from"] = list(dict.fromkeys(merged))
 
 
 def render_profile(doc: Profile, now_ms: int, rules: ProfileRules) -> Profile:

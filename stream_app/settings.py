@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 
+    # --- Identity ---------------------------------------------------------------------------------
+    identity_blocked_ids: str | None = Field(
+        None,
+        description="Comma-separated placeholder ids treated as absent (case-insensitive); unset: "
+        "the defaults (null, undefined, 0, anonymous, [object Object], ...). Blank ids always are.",
+    )
+    identity_max_merged_ids: int = Field(
+        50, ge=1, le=10_000, description="Ids that may be folded into one profile; further links are refused."
+    )
+    identity_merge_identified: bool = Field(
+        False, description="Allow identify/alias to absorb a profile that has its own userId history."
+    )
+
     # --- Segments -------------------------------------------------------------------------------
     segments_file: Path | None = Field(
         None, description="Rule segments TOML (default: config/segments.toml)."

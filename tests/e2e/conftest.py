@@ -19,6 +19,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from stream_app.contract import parse_timestamp
 from stream_app.embedded import free_port
 from stream_app.settings import Settings
 from stream_app.topics import apply_topics
@@ -107,14 +108,21 @@ class Deployment:
     env: dict[str, str]
     producer: Producer
 
-    def send(self, events: list[dict[str, Any] | tuple[bytes | None, bytes]]) -> None:
+    def send(
+        self, events: list[dict[str, Any] | tuple[bytes | None, bytes]], record_times: bool = False
+    ) -> None:
+        """Produce to the events topic. ``record_times``: give each record its event's own
+        ``timestamp`` as Kafka timestamp, as a producer that was live back then did (a backlog)."""
         for item in events:
+            stamp = 0
             if isinstance(item, tuple):
                 key, value = item
             else:
                 key = (item.get("userId") or item.get("anonymousId") or "").encode() or None
                 value = orjson.dumps(item)
-            self.producer.produce(self.settings.topic_events, key=key, value=value)
+                if record_times and isinstance(item.get("timestamp"), str):
+                    stamp = parse_timestamp(item["timestamp"])
+            self.producer.produce(self.settings.topic_events, key=key, value=value, timestamp=stamp)
             self.producer.poll(0)
         assert self.producer.flush(30) == 0
 

@@ -175,6 +175,8 @@ def test_replaying_a_backlog_fires_no_false_stalls(
     threshold, but hundreds of other users' events lie between them in the log, and
     batches are small, so the worker reads the start long before the completion. By the
     wall clock every start is 10 minutes old; only the partition watermark knows better.
+    The records carry the times they were produced at (live, ten minutes ago), which is
+    what the watermark follows.
     """
     use_config(deployment, tmp_path, mean_s=1.0)
     deployment.env["BATCH_MAX_EVENTS"] = "10"
@@ -197,7 +199,7 @@ def test_replaying_a_backlog_fires_no_false_stalls(
                 }
             )
         events.append(step(f"fin{i}", "Onboarding Step Completed", base + 1500, 2, step="profile"))
-    deployment.send(events)  # the backlog is in the log before any worker runs
+    deployment.send(events, record_times=True)  # the backlog, produced live back then
     worker = worker_factory().start()
     wait_until(
         lambda: worker.metric("onboarding_events_applied_total") >= len(events) - 8,
@@ -209,3 +211,39 @@ def test_replaying_a_backlog_fires_no_false_stalls(
     counts = stalled_counts(read_topic(deployment, deployment.settings.topic_triggers))
     assert not [u for u in counts if u.startswith("fin")], counts  # no false stalls
     assert counts == {f"stuck{i}": 1 for i in range(4)}  # the real ones still fire, once
+
+
+def test_fast_client_clocks_fire_no_one_elses_stall(
+    deployment: Deployment, worker_factory: Any, tmp_path: Path
+) -> None:
+    """The field case: finishers, stuck users, and 64 clients whose clocks run an hour ahead."""
+    use_config(deployment, tmp_path, mean_s=2.0)  # stalled after 4 s
+    worker = worker_factory().start()
+    now = int(time.time() * 1000)
+    finishers = [f"fin{i}" for i in range(30)]
+    stuck = [f"stuck{i}" for i in range(3)]
+    deployment.send([step(u, "Onboarding Step Started", now, 1, step="profile") for u in finishers + stuck])
+    fast = [
+        {
+            "type": "track",
+            "messageId": f"fast{i}",
+            "userId": f"fast{i}",
+            "timestamp": iso_ms(now + 3_600_000),
+            "event": "Session Started",
+        }
+        for i in range(64)
+    ]
+    deployment.send(fast)  # they arrive now, stamped an hour ahead
+    time.sleep(1.5)
+    done = int(time.time() * 1000)
+    deployment.send([step(u, "Onboarding Step Completed", done, 2, step="profile") for u in finishers])
+    topic = deployment.settings.topic_triggers
+    wait_until(
+        lambda: len(stalled_counts(read_topic(deployment, topic, 0.5))) >= len(stuck),
+        30,
+        "the real stalls",
+        diagnose(worker),
+    )
+    time.sleep(2)
+    assert stalled_counts(read_topic(deployment, topic)) == {u: 1 for u in stuck}  # no finisher
+    assert worker.metric("onboarding_events_clock_ahead_total") == 64

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from stream_app.contract import (
+    DEFAULT_BLOCKED_IDS,
     ContractRules,
     Event,
     Invalid,
     Reason,
+    blocked_id_pattern,
+    blocked_id_set,
     device_from_user_agent,
     hash_pii,
     iso_ms,
@@ -61,7 +64,7 @@ def base(**extra: Any) -> dict[str, Any]:
         (orjson.dumps(base(messageId=7)), Reason.WRONG_TYPE),
         (orjson.dumps(base(userId=None)), Reason.MISSING_USER_ID),
         (orjson.dumps(base(userId="", anonymousId="")), Reason.MISSING_USER_ID),
-        (orjson.dumps(base(type="screen")), Reason.UNKNOWN_TYPE),
+        (orjson.dumps(base(type="screenview")), Reason.UNKNOWN_TYPE),
         (orjson.dumps(base(type=None)), Reason.UNKNOWN_TYPE),
         (orjson.dumps(base(timestamp="yesterday")), Reason.BAD_TIMESTAMP),
         (orjson.dumps(base(timestamp=12345)), Reason.BAD_TIMESTAMP),
@@ -155,7 +158,13 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
-ids = st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=12), st.integers(0, 3))
+ids = st.one_of(
+    st.none(),
+    st.just(""),
+    st.text(min_size=1, max_size=12),
+    st.integers(0, 3),
+    st.sampled_from(["undefined", " NULL ", "[object Object]", "0", "user-1", "   "]),
+)
 timestamps = st.one_of(
     st.none(),
     st.just("2026-11-18T10:00:00Z"),
@@ -193,7 +202,7 @@ properties = st.one_of(
 def candidate_events(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     optional = {
-        "type": st.sampled_from(["identify", "track", "page", "alias", "screen", 3]),
+        "type": st.sampled_from(["identify", "track", "page", "alias", "screen", "group", "screenview", 3]),
         "messageId": ids,
         "userId": ids,
         "anonymousId": ids,
@@ -201,6 +210,7 @@ def candidate_events(draw: st.DrawFn) -> dict[str, Any]:
         "event": event_names | st.integers(0, 1),
         "properties": properties,
         "previousId": ids,
+        "groupId": st.one_of(ids, st.just("acme")),
         "context": st.one_of(
             st.fixed_dictionaries({}, optional={"locale": st.sampled_from(["en-US", 4])}), st.integers(0, 1)
         ),
@@ -245,3 +255,66 @@ def test_iso_rendering_round_trips(ts_ms: int) -> None:
 def test_country_codes_are_upper_case(country: str) -> None:
     ev = parse(base(context={"location": {"country": country}}))
     assert isinstance(ev, Event) and ev.country == country.upper()
+
+
+# --- event time: the client's clock, corrected and capped ---------------------------------------
+
+
+def test_a_fast_client_clock_is_capped_at_the_record_time() -> None:
+    record = parse_timestamp("2026-11-18T10:00:00Z")
+    result = parse(base(timestamp="2026-11-18T11:00:00Z"), broker_ts=record)  # clock one hour fast
+    assert isinstance(result, Event)
+    assert result.ts_ms == record and result.ahead_ms == 3_600_000 and result.received_ms == record
+
+
+def test_a_late_but_honest_event_keeps_its_own_time() -> None:
+    record = parse_timestamp("2026-11-18T13:00:00Z")  # delivered three hours later (offline queue)
+    result = parse(base(timestamp="2026-11-18T10:00:00Z"), broker_ts=record)
+    assert isinstance(result, Event) and result.ts_ms == parse_timestamp("2026-11-18T10:00:00Z")
+    assert result.ahead_ms == 0
+
+
+def test_sent_at_corrects_the_client_clock_as_segment_does() -> None:
+    # the client's clock is 2 h slow: it stamped the event 5 s before sending the batch
+    doc = base(timestamp="2026-11-18T08:00:00Z", sentAt="2026-11-18T08:00:05Z")
+    received = parse_timestamp("2026-11-18T10:00:06Z")
+    by_record = parse(doc, broker_ts=received)
+    assert isinstance(by_record, Event) and by_record.ts_ms == received - 5000
+    by_collector = parse({**doc, "receivedAt": "2026-11-18T10:00:06Z"}, broker_ts=received + 40)
+    assert isinstance(by_collector, Event) and by_collector.ts_ms == received - 5000
+    # the collector corrected it already (originalTimestamp kept): not corrected twice
+    done = parse(
+        base(timestamp="2026-11-18T10:00:01Z", originalTimestamp="2026-11-18T08:00:00Z", sentAt="x"),
+        broker_ts=received,
+    )
+    assert isinstance(done, Event) and done.ts_ms == parse_timestamp("2026-11-18T10:00:01Z")
+    bad = parse(base(sentAt="yesterday"), broker_ts=received)
+    assert isinstance(bad, Invalid) and bad.reason is Reason.BAD_TIMESTAMP and "sentAt" in bad.message
+
+
+def test_screen_and_group_are_part_of_the_contract() -> None:
+    screen = parse(base(type="screen", name="Home"))
+    assert isinstance(screen, Event) and screen.type == "screen" and screen.name == "Home"
+    group = parse(base(type="group", groupId=42, traits={"plan": "team", "email": "ops@acme.io"}))
+    assert isinstance(group, Event) and group.group_id == "42"
+    assert group.traits is not None and "email" not in group.traits and group.traits["plan"] == "team"
+    missing = parse(base(type="group"))
+    assert isinstance(missing, Invalid) and missing.reason is Reason.MISSING_FIELD
+
+
+@pytest.mark.parametrize("junk", ["null", "undefined", "0", "anonymous", "[object Object]", " ", "NuLL "])
+def test_placeholder_ids_are_treated_as_absent(junk: str) -> None:
+    anonymous = parse(base(userId=junk, anonymousId="a-1"))
+    assert isinstance(anonymous, Event) and anonymous.user_id is None and anonymous.profile_id == "a-1"
+    alone = parse(base(userId=junk))
+    assert isinstance(alone, Invalid) and alone.reason in (Reason.BLOCKED_ID, Reason.MISSING_USER_ID)
+    custom = ContractRules(pii_salt=b"s", blocked_ids=blocked_id_set("nobody, n/a"))
+    kept = parse_event(orjson.dumps(base(userId="undefined")), custom, None, NOW_MS)
+    assert isinstance(kept, Event) and kept.user_id == "undefined"  # the list is configurable
+    refused = parse_event(orjson.dumps(base(userId="N/A")), custom, None, NOW_MS)
+    assert isinstance(refused, Invalid) and refused.reason is Reason.BLOCKED_ID
+
+
+def test_the_schema_blocks_exactly_the_default_placeholder_ids() -> None:
+    schema = json.loads((SCHEMAS_DIR / "onboarding.events.schema.json").read_text())
+    assert schema["$defs"]["usableId"]["not"]["pattern"] == blocked_id_pattern(DEFAULT_BLOCKED_IDS)

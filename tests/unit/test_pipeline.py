@@ -9,7 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.contract import ContractRules, iso_ms
+from stream_app.contract import ContractRules, iso_ms, parse_timestamp
+from stream_app.identity import IdentityRules
 from stream_app.metrics import Metrics
 from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import ProfileRules, StepDuration
@@ -38,10 +39,13 @@ def track(
 
 
 def records(*docs: dict[str, Any] | bytes) -> list[Record]:
+    """Records as a live producer writes them: the record time is the event's own time."""
     out = []
     for doc in docs:
         raw = doc if isinstance(doc, bytes) else orjson.dumps(doc)
-        out.append(Record(raw, b"k", "onboarding.events", 0, next(_offsets), T0))
+        stamp = doc.get("timestamp") if isinstance(doc, dict) else None
+        record_ms = parse_timestamp(stamp) if isinstance(stamp, str) else T0
+        out.append(Record(raw, b"k", "onboarding.events", 0, next(_offsets), record_ms))
     return out
 
 
@@ -170,10 +174,81 @@ async def test_an_anonymous_id_is_never_merged_into_a_second_user() -> None:
 
 async def test_alias_folds_the_previous_id() -> None:
     h = Harness()
-    await h.run(track("Feature Used", "o1", uid="old", feature="f"))
+    await h.run(track("Feature Used", "o1", uid=None, anon="old", feature="f"))
     await h.run(ev("alias", "al", uid="new", previousId="old"))
     doc = await h.doc("new")
     assert doc is not None and doc["features"] == {"f": 1} and doc["merged_from"] == ["old"]
+
+
+async def test_alias_never_absorbs_an_identified_user_unless_configured() -> None:
+    h = Harness()
+    await h.run(track("Feature Used", "o1", uid="old", feature="f"))  # a user with their own history
+    await h.run(ev("alias", "al", uid="new", previousId="old"))
+    new, old = await h.doc("new"), await h.doc("old")
+    assert new is not None and new["features"] == {} and new["merged_from"] == []
+    assert old is not None and old["features"] == {"f": 1} and "merged_into" not in old
+    merges = h.processor.metrics.identity_merges.labels("refused_identified")._value.get()
+    assert merges == 1
+    await h.run(track("Feature Used", "o2", uid="old", feature="g"))  # still its own profile
+    old = await h.doc("old")
+    assert old is not None and old["features"] == {"f": 1, "g": 1}
+
+    allowed = Harness()
+    allowed.processor.identity = IdentityRules(merge_identified=True)
+    await allowed.run(track("Feature Used", "o1", uid="old", feature="f"))
+    await allowed.run(ev("alias", "al", uid="new", previousId="old"))
+    doc = await allowed.doc("new")
+    assert doc is not None and doc["features"] == {"f": 1} and doc["merged_from"] == ["old"]
+
+
+JUNK_IDS = ["null", "undefined", "0", "anonymous", "[object Object]", "", " ", "NULL", "Undefined"]
+
+
+async def test_junk_user_ids_never_merge_strangers() -> None:
+    """Many visitors whose SDK sends a placeholder userId stay apart, each on their anonymousId."""
+    h = Harness()
+    for i, junk in enumerate(JUNK_IDS):
+        anon = f"visitor-{i}"
+        await h.run(
+            track("Feature Used", f"f{i}", uid=None, anon=anon, feature=f"feat{i}"),
+            ev("identify", f"i{i}", uid=junk, anon=anon, traits={"plan": f"p{i}"}),
+            track("Onboarding Step Started", f"s{i}", uid=junk, anon=anon, flow="signup", step="account"),
+        )
+    for i, _junk in enumerate(JUNK_IDS):
+        doc = await h.doc(f"visitor-{i}")
+        assert doc is not None and doc["features"] == {f"feat{i}": 1}, doc
+        assert doc["traits"] == {"plan": f"p{i}"} and doc["merged_from"] == [] and not doc["identified"]
+        assert "signup" in doc["onboarding"]
+    for junk in JUNK_IDS:
+        assert await h.doc(junk) is None  # no profile ever collects under a placeholder
+
+
+async def test_events_with_only_junk_ids_and_aliases_of_junk_are_dead_lettered() -> None:
+    h = Harness()
+    out = await h.run(
+        track("Feature Used", "j1", uid="undefined", feature="x"),
+        ev("alias", "j2", uid="new", previousId="null"),
+        ev("alias", "j3", uid="[object Object]", previousId="anon-1"),
+    )
+    assert [inv.reason.value for _rec, inv in out.dead_letters] == ["blocked_id"] * 3
+    assert out.events == [] and await h.doc("new") is None
+
+
+async def test_a_profile_takes_at_most_the_configured_number_of_merged_ids() -> None:
+    h = Harness()
+    h.processor.identity = IdentityRules(max_merged_ids=3)
+    for i in range(5):
+        anon = f"device-{i}"
+        await h.run(track("Feature Used", f"f{i}", uid=None, anon=anon, feature=f"feat{i}"))
+        await h.run(ev("identify", f"i{i}", uid="u1", anon=anon))
+    doc = await h.doc("u1")
+    assert doc is not None and doc["merged_from"] == ["device-0", "device-1", "device-2"]
+    assert set(doc["features"]) == {"feat0", "feat1", "feat2"}
+    assert h.processor.metrics.identity_merges.labels("refused_limit")._value.get() == 2
+    refused = await h.doc("device-4")
+    assert refused is not None and "merged_into" not in refused  # kept apart, not truncated away
+    await h.run(track("Data Deletion Requested", "del"))
+    assert await h.doc("device-0") is None and await h.doc("device-2") is None
 
 
 async def test_deletion_request_erases_the_user_and_merged_ids() -> None:
