@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 
 from stream_app.clock import watermark_candidate
 from stream_app.contract import ContractRules, blocked_id_set, iso_ms
-from stream_app.identity import IdentityRules
 from stream_app.errors import ConfigError
+from stream_app.identity import IdentityRules
 from stream_app.metrics import Metrics
 from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
