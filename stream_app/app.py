@@ -8,7 +8,6 @@ decides what goes into a profile.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -17,7 +16,8 @@ import ssl
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,11 +35,17 @@ from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
-from stream_app.segments.cluster_model import Snapshot, choose_cluster, features, train_model
+from stream_app.segments.cluster_model import (
+    Snapshot,
+    assignment_change,
+    choose_cluster,
+    features,
+    train_model,
+)
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings
-from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
+from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore, SweepState
 from stream_app.store.keys import Keys
 from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
@@ -222,10 +228,12 @@ class Runtime:
         samples = await self.models.sample(s.cluster_train_samples)
         latest = await self.models.latest()
         version = (latest.version if latest else 0) + 1
-        # ~0.2 s for 5000 samples: in a thread, so batches and timers keep their turns
-        snap = await asyncio.to_thread(
-            functools.partial(
-                train_model,
+        base = latest  # the model whose assignments the stored clusters were last swept to
+        if latest is not None and latest.sweep_version != latest.version:
+            base = next((h for h in await self.models.history() if h.version == latest.sweep_version), None)
+
+        def train() -> tuple[Snapshot, float]:
+            snap = train_model(
                 samples,
                 latest,
                 version=version,
@@ -233,30 +241,43 @@ class Runtime:
                 k=s.cluster_k,
                 halflife=s.cluster_halflife,
             )
-        )
+            moved = assignment_change(base, snap, samples, s.cluster_margin)
+            # a new version moves stored clusters (a sweep) only when it would move enough users
+            keep = latest is not None and base is not None and moved < s.cluster_sweep_min_change
+            return replace(snap, sweep_version=latest.sweep_version if keep and latest else version), moved
+
+        # ~0.2 s for 5000 samples: in a thread, so batches and timers keep their turns
+        snap, moved = await asyncio.to_thread(train)
         if not await self.models.publish(snap):
             return None
         log.info(
             "cluster model published",
-            extra={"version": snap.version, "samples": snap.samples, "clusters": snap.names},
+            extra={
+                "version": snap.version,
+                "samples": snap.samples,
+                "clusters": snap.names,
+                "moved_share": round(moved, 4),
+                "sweep_version": snap.sweep_version,
+            },
         )
         await self.refresh_model(force=True)
         return snap
 
-    async def _sample_profiles(self, outcome: BatchOutcome) -> None:
-        """Keep the latest vector of a sample of the profiles this batch wrote; drop those of
+    async def _sample_profiles(
+        self, docs: Mapping[str, Profile], linked: Sequence[str] = (), limit: int | None = None
+    ) -> None:
+        """Keep the latest vector of (a sample of, up to ``limit``) these profiles; drop those of
         users who refused personalization and of ids linked into another profile."""
-        n = self.settings.cluster_samples_per_batch
-        if not self.settings.cluster_enabled or n <= 0 or not outcome.profiles:
+        if not self.settings.cluster_enabled or (limit is not None and limit <= 0) or not docs:
             return
         consenting: list[str] = []
-        gone = list(outcome.linked)  # a linked id's history now counts in its user's vector
-        for pid, doc in outcome.profiles.items():
+        gone = list(linked)  # a linked id's history now counts in its user's vector
+        for pid, doc in docs.items():
             (gone if doc.get("consent", {}).get("personalization") is False else consenting).append(pid)
         if gone:
             await self.models.remove_samples(gone)
-        picked = self.rng.sample(consenting, min(n, len(consenting)))
-        vectors = {pid: features(outcome.profiles[pid], self.step_means) for pid in picked}
+        picked = consenting if limit is None else self.rng.sample(consenting, min(limit, len(consenting)))
+        vectors = {pid: features(docs[pid], self.step_means) for pid in picked}
         await self.models.put_samples(vectors, cap=self.settings.cluster_sample_cap)
 
     async def refresh_sizes(self, force: bool = False) -> None:
@@ -345,7 +366,7 @@ class Runtime:
         t2 = time.perf_counter()
         phase.labels("publish").observe(t2 - t1)
         await self._count_sizes(outcome.size_deltas)
-        await self._sample_profiles(outcome)
+        await self._sample_profiles(outcome.profiles, outcome.linked, self.settings.cluster_samples_per_batch)
         t3 = time.perf_counter()
         phase.labels("segments_and_samples").observe(t3 - t2)
         wall_ms = int(time.time() * 1000)
@@ -355,7 +376,7 @@ class Runtime:
             if ts is not None:
                 latest[rec.partition] = max(latest.get(rec.partition, ts), ts)
         advanced = {p: ts for p, ts in latest.items() if ts > self.marks.get(p, (-1, 0))[0]}
-        await self.deadlines.record_batch(outcome.deadlines, advanced, wall_ms)
+        await self.deadlines.record_batch(outcome.deadlines, advanced, wall_ms, outcome.members)
         for partition, ts_ms in advanced.items():
             self.marks[partition] = (ts_ms, wall_ms)
         phase.labels("deadlines").observe(time.perf_counter() - t3)
@@ -437,6 +458,7 @@ class Runtime:
                 await self.publish_outbox(outcome)
                 await self._count_sizes(outcome.size_deltas)
                 await self.deadlines.settle(partition, outcome.settled)
+                await self.deadlines.remove_members(partition, outcome.departed)
                 looked += len(due)
         if time.monotonic() - self.pending_read_at > self.settings.baseline_refresh_seconds:
             self.pending_read_at = time.monotonic()
@@ -447,6 +469,60 @@ class Runtime:
         self.metrics.deadlines_fired.inc(looked)
         self.metrics.watermark_lag.set(worst_lag)
         return looked
+
+    async def sweep_clusters(self) -> int:
+        """One pass of the cluster sweep over this worker's partitions; returns profiles checked.
+
+        Once a model exists, every profile with behaviour must get its cluster, and a new
+        model that would move users (its ``sweep_version``) must reach those who send
+        nothing more. Each partition's members are walked with a cursor kept in Redis (a
+        new owner continues where the last one stopped), about CLUSTER_SWEEP_RATE profiles
+        a second for the whole worker; every profile goes through the same reaction and
+        compare-and-set write as the timer, so a change is published once, with its id.
+        A pass that began for an older model still finishes; the partition counts as swept
+        to the version the pass began with, and a newer one starts another pass.
+        """
+        if not self.settings.cluster_enabled:
+            return 0
+        await self.refresh_model()  # an idle worker must still see a new model
+        snap = self.snapshot
+        if snap is None:
+            return 0
+        events_topic = self.topics["events"].name
+        owned = sorted(p for t, p in self.assigned if t == events_topic)
+        if not owned:
+            return 0
+        per_pass = self.settings.cluster_sweep_rate * self.settings.timer_interval_seconds
+        count = max(1, int(per_pass / len(owned)))
+        checked = behind = 0
+        for partition in owned:
+            state = await self.deadlines.sweep_state(partition)
+            if state.done >= snap.sweep_version:
+                continue
+            wm = await self.watermark_ms(partition)
+            if wm is None:  # nothing read from it yet: no time to decide at
+                behind += 1
+                continue
+            started = state.started_for if state.cursor else snap.sweep_version
+            cursor, users = await self.deadlines.scan_members(partition, state.cursor, count)
+            if users:
+                async with self.lock:
+                    await self.refresh_baselines()
+                    outcome = await self.processor.recheck(partition, users, wm)
+                    await self.publish_outbox(outcome)
+                    await self._count_sizes(outcome.size_deltas)
+                    for part, entries in outcome.earlier.items():
+                        await self.deadlines.schedule_earlier(part, entries)
+                    await self.deadlines.remove_members(partition, outcome.departed)
+                    # the sweep sees every member's current state: the next model learns from it
+                    await self._sample_profiles(outcome.profiles)
+                checked += len(users)
+            done = started if cursor == 0 else state.done
+            await self.deadlines.save_sweep(partition, SweepState(done, started, cursor))
+            behind += int(done < snap.sweep_version)
+        self.metrics.cluster_sweep_checked.inc(checked)
+        self.metrics.cluster_sweep_behind.set(behind)
+        return checked
 
     async def publish_dead_letters(self, outcome: BatchOutcome) -> None:
         if not outcome.dead_letters or self.dlq_topic is None:
@@ -643,6 +719,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> tuple[faus
             return
         try:
             await asyncio.wait_for(runtime.fire_due(), settings.batch_attempt_timeout_seconds)
+            await asyncio.wait_for(runtime.sweep_clusters(), settings.batch_attempt_timeout_seconds)
         except (RedisError, OSError, RuntimeError, TimeoutError) as exc:
             runtime.metrics.store_errors.labels(type(exc).__name__).inc()
             log.warning(

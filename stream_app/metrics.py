@@ -152,6 +152,17 @@ class Metrics:
             "Users moved from one cluster to another (cluster churn; first assignments excluded).",
             registry=r,
         )
+        self.cluster_sweep_checked = Counter(
+            "onboarding_cluster_sweep_profiles_total",
+            "Profiles re-checked by the cluster sweep (users without a new event brought to a new model).",
+            registry=r,
+        )
+        self.cluster_sweep_behind = Gauge(
+            "onboarding_cluster_sweep_partitions_behind",
+            "Owned partitions whose members are not yet all checked against the latest model's sweep "
+            "version.",
+            registry=r,
+        )
         self.cluster_model_version = Gauge(
             "onboarding_cluster_model_version",
             "Version of the shared cluster model snapshot in use.",

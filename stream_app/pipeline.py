@@ -84,13 +84,17 @@ class BatchOutcome:
     events: list[tuple[Record, Event]] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
-    profiles: dict[str, Profile] = field(default_factory=dict)  # final documents written
+    #: final documents written (a batch), or looked at (timer, sweep)
+    profiles: dict[str, Profile] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
     erased: list[str] = field(default_factory=list)
     linked: list[str] = field(default_factory=list)  # ids linked into another profile by this batch
     outbox: list[dict[str, Any]] = field(default_factory=list)  # to publish before acking
     outbox_keys: list[str] = field(default_factory=list)  # mark published once published
     deadlines: dict[int, dict[str, int | None]] = field(default_factory=dict)  # partition -> user -> ms
+    earlier: dict[int, dict[str, int]] = field(default_factory=dict)  # sweep: deadlines only moved earlier
+    members: dict[int, set[str]] = field(default_factory=dict)  # partition -> profiles written for it
+    departed: list[str] = field(default_factory=list)  # timer/sweep: users no longer in the partition
     settled: list[tuple[str, int, int | None]] = field(default_factory=list)  # timer: (user, read, next)
     suppressed: list[tuple[str, str]] = field(default_factory=list)
     cluster_moves: int = 0
@@ -212,10 +216,36 @@ class EventProcessor:
         the deadline in place, so the next tick looks again.
         """
         outcome = BatchOutcome()
-        loaded = await self.store.load({user: [] for user, _score in due})
+        scores = dict(due)
+        for user, nxt in (await self._react_stored(partition, list(scores), now_ms, outcome)).items():
+            outcome.settled.append((user, scores[user], nxt))
+        return outcome
+
+    async def recheck(self, partition: int, users: Sequence[str], now_ms: int) -> BatchOutcome:
+        """The cluster sweep: react at ``now_ms`` (trusted) for users who may send nothing more,
+        so a new model's cluster reaches them. Their next deadlines go to ``outcome.earlier``
+        (they may only move a deadline earlier: a sweep never delays or drops one that a
+        batch just scheduled); users who no longer belong here go to ``outcome.departed``."""
+        outcome = BatchOutcome()
+        for user, nxt in (await self._react_stored(partition, users, now_ms, outcome)).items():
+            if nxt is not None:
+                outcome.earlier.setdefault(partition, {})[user] = nxt
+        return outcome
+
+    async def _react_stored(
+        self, partition: int, users: Sequence[str], now_ms: int, outcome: BatchOutcome
+    ) -> dict[str, int | None]:
+        """React at ``now_ms`` for stored profiles of ``partition``; write what changed (CAS).
+
+        Returns each settled user's next deadline (trusted time; None: none, or the user is
+        gone from this partition and listed in ``outcome.departed``). Users whose write
+        conflicted are left out: the next pass looks again.
+        """
+        loaded = await self.store.load({user: [] for user in users})
         writes: list[Write] = []
-        reactions: dict[str, tuple[int, Reaction | None]] = {}
-        for user, score in due:
+        reactions: dict[str, Reaction | None] = {}
+        settled: dict[str, int | None] = {}
+        for user in users:
             entry = loaded[user]
             doc = entry.doc
             if (
@@ -223,17 +253,19 @@ class EventProcessor:
                 or is_tombstone(doc)
                 or (doc.get("engine") or {}).get("partition", partition) != partition
             ):
-                outcome.settled.append((user, score, None))
+                outcome.departed.append(user)
+                settled[user] = None
                 continue
             unpublished = self._prior_outbox(doc, outcome)
             reaction = self._react(doc, user, to_user(doc, now_ms))
             _carry(doc, unpublished)
-            reactions[user] = (score, reaction)
+            reactions[user] = reaction
+            outcome.profiles[user] = doc
             if reaction is not None and reaction.changed:
                 writes.append(Write(user, entry.version, doc, (), require_unseen=False))
         conflicts = await self.store.save(writes) if writes else set()
         written = {w.profile_id: w for w in writes}
-        for user, (score, reaction) in reactions.items():
+        for user, reaction in reactions.items():
             if user in conflicts:
                 self.cache.pop(user, None)
                 continue
@@ -242,8 +274,8 @@ class EventProcessor:
             if user in written:
                 self._remember(user, written[user].expected_version + 1, doc)
                 self._settle_reaction(user, doc, reaction, outcome)
-            outcome.settled.append((user, score, to_trusted(doc, reaction.deadline_ms) if reaction else None))
-        return outcome
+            settled[user] = to_trusted(doc, reaction.deadline_ms) if reaction else None
+        return settled
 
     async def _apply(
         self, by_target: dict[str, list[Event]], outcome: BatchOutcome, partitions: dict[str, int]
@@ -337,6 +369,8 @@ class EventProcessor:
                 outcome.outbox_keys.extend(priors[pid].outbox_keys)
                 if pid in written_ids:
                     self._settle_reaction(pid, doc, reaction, outcome)
+                if pid in partitions:
+                    outcome.members.setdefault(partitions[pid], set()).add(pid)
                 if reaction is not None and pid in partitions:
                     part = partitions[pid]
                     outcome.deadlines.setdefault(part, {})[pid] = to_trusted(doc, reaction.deadline_ms)

@@ -155,6 +155,19 @@ class Settings(BaseSettings):
     cluster_margin: float = Field(
         0.2, ge=0, lt=1, description="Hysteresis: another centroid must be this much closer to move a user."
     )
+    cluster_sweep_rate: float = Field(
+        1000.0,
+        gt=0,
+        description="Profiles per second a worker re-checks against a new cluster model (users who "
+        "send nothing more still get their cluster); bounds the sweep's share of the worker.",
+    )
+    cluster_sweep_min_change: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="A new model version starts a sweep only if it would move at least this share of "
+        "the training sample's users (beyond the hysteresis margin); the first model always does.",
+    )
     cluster_halflife: float = Field(
         0.02, gt=0, le=1, description="river KMeans halflife (step of online updates)."
     )

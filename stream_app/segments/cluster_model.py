@@ -98,6 +98,13 @@ class Snapshot:
     samples: int
     feature_names: tuple[str, ...] = FEATURE_NAMES
     next_id: int = 1
+    #: the version whose assignments every stored cluster must be brought to by the sweep:
+    #: this version when it moves users (:func:`assignment_change`), else an earlier one's
+    sweep_version: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sweep_version:  # a model that comes with no sweep version moves users
+            object.__setattr__(self, "sweep_version", self.version)
 
     def scale(self, x: Sequence[float]) -> list[float]:
         return [
@@ -125,6 +132,7 @@ class Snapshot:
                 "samples": self.samples,
                 "feature_names": list(self.feature_names),
                 "next_id": self.next_id,
+                "sweep_version": self.sweep_version,
             }
         )
 
@@ -141,7 +149,23 @@ class Snapshot:
             d["samples"],
             tuple(d["feature_names"]),
             d["next_id"],
+            d.get("sweep_version") or d["version"],
         )
+
+
+def assignment_change(
+    base: Snapshot | None, new: Snapshot, vectors: Sequence[Sequence[float]], margin: float
+) -> float:
+    """Share of ``vectors`` whose cluster would change going from ``base`` to ``new`` (with
+    hysteresis, ids matched across versions); 1.0 without a base."""
+    if base is None or not vectors:
+        return 1.0
+    moved = 0
+    for x in vectors:
+        before = base.nearest(x)
+        if choose_cluster(before, new.distances(x), margin) != before:
+            moved += 1
+    return moved / len(vectors)
 
 
 def _unscale(z: Sequence[float], means: Sequence[float], stds: Sequence[float]) -> list[float]:

@@ -1,10 +1,16 @@
-"""Deadlines per input partition and partition watermarks: one interface, Redis and memory.
+"""Per-partition indexes of the events topic: deadlines, watermark, members, sweep cursor.
 
-Each partition of the events topic has a sorted set of user ids scored by the user's
-next deadline (epoch ms, event time) and a watermark hash (the greatest event time
-read from it, and the wall clock at that moment). The worker that owns the partition
-fires what is due. Keys of one partition share a Cluster hash tag, so each script
-touches one slot; partitions spread over the nodes of a Redis Cluster.
+One interface, Redis and memory. Each partition of the events topic has
+
+* a sorted set of user ids scored by the user's next deadline (trusted time, ms);
+* a watermark hash (the greatest record timestamp read from it, and the wall clock then);
+* a set of the user ids whose profiles it has written (*members*), which the cluster
+  sweep walks so that users who send nothing more still get (re)assigned;
+* the sweep's cursor over that set (:class:`SweepState`).
+
+The worker that owns the partition fires what is due and sweeps its members. Keys of one
+partition share a Cluster hash tag, so each script touches one slot; partitions spread
+over the nodes of a Redis Cluster.
 
 Firing is decided by the profile's compare-and-set write, not by this index: the
 index says whom to look at, the profile says whether that occurrence was already
@@ -16,16 +22,35 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from stream_app.store.keys import Keys
 from stream_app.store.scripts import AnyRedis, Call, Eval, Scripts
 
 
+@dataclass(frozen=True, slots=True)
+class SweepState:
+    """Where a partition's cluster sweep stands.
+
+    ``done``: every member has been checked against a model whose sweep version is at
+    least this; ``started_for``: the sweep version the pass now running began with;
+    ``cursor``: the scan position of that pass (0: at the start).
+    """
+
+    done: int = 0
+    started_for: int = 0
+    cursor: int = 0
+
+
 class DeadlineStore(abc.ABC):
     @abc.abstractmethod
     async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
         """Set each user's next deadline in ``partition`` (None: remove)."""
+
+    @abc.abstractmethod
+    async def schedule_earlier(self, partition: int, entries: Mapping[str, int]) -> None:
+        """Set each user's deadline unless one at or before it is already set (``ZADD LT``)."""
 
     @abc.abstractmethod
     async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
@@ -62,20 +87,74 @@ class DeadlineStore(abc.ABC):
                 out[partition] = due
         return out
 
+    @abc.abstractmethod
+    async def add_members(self, partition: int, users: Iterable[str]) -> None:
+        """Note users whose profiles this partition writes."""
+
+    @abc.abstractmethod
+    async def remove_members(self, partition: int, users: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def scan_members(self, partition: int, cursor: int, count: int) -> tuple[int, list[str]]:
+        """About ``count`` members from ``cursor``; the next cursor, 0 when the scan is complete.
+
+        A full scan returns every user who was a member throughout it at least once
+        (possibly more than once), as Redis ``SSCAN`` guarantees.
+        """
+
+    @abc.abstractmethod
+    async def sweep_state(self, partition: int) -> SweepState: ...
+
+    @abc.abstractmethod
+    async def save_sweep(self, partition: int, state: SweepState) -> None: ...
+
     async def record_batch(
-        self, schedules: Mapping[int, Mapping[str, int | None]], marks: Mapping[int, int], wall_ms: int
+        self,
+        schedules: Mapping[int, Mapping[str, int | None]],
+        marks: Mapping[int, int],
+        wall_ms: int,
+        members: Mapping[int, Iterable[str]] | None = None,
     ) -> None:
-        """A batch's deadline changes and watermark advances (one round trip where the store can)."""
+        """A batch's deadline changes, watermark advances and members (one round trip where the
+        store can)."""
         for partition, entries in schedules.items():
             await self.schedule(partition, entries)
         for partition, event_ms in marks.items():
             await self.advance_watermark(partition, event_ms, wall_ms)
+        for partition, users in (members or {}).items():
+            await self.add_members(partition, users)
 
 
 class InMemoryDeadlineStore(DeadlineStore):
     def __init__(self) -> None:
         self.sets: dict[int, dict[str, int]] = {}
         self.marks: dict[int, tuple[int, int]] = {}
+        self.members: dict[int, set[str]] = {}
+        self.sweeps: dict[int, SweepState] = {}
+        self._scan_positions: dict[int, str] = {}
+
+    async def add_members(self, partition: int, users: Iterable[str]) -> None:
+        self.members.setdefault(partition, set()).update(users)
+
+    async def remove_members(self, partition: int, users: Sequence[str]) -> None:
+        self.members.get(partition, set()).difference_update(users)
+
+    async def scan_members(self, partition: int, cursor: int, count: int) -> tuple[int, list[str]]:
+        # a cursor stands for the last member returned, so members removed meanwhile shift nothing
+        after = self._scan_positions.get(cursor, "") if cursor else ""
+        ordered = sorted(m for m in self.members.get(partition, ()) if not cursor or m > after)
+        chunk = ordered[:count]
+        if len(chunk) == len(ordered):
+            return 0, chunk
+        token = len(self._scan_positions) + 1
+        self._scan_positions[token] = chunk[-1]
+        return token, chunk
+
+    async def sweep_state(self, partition: int) -> SweepState:
+        return self.sweeps.get(partition, SweepState())
+
+    async def save_sweep(self, partition: int, state: SweepState) -> None:
+        self.sweeps[partition] = state
 
     async def schedule(self, partition: int, entries: Mapping[str, int | None]) -> None:
         zset = self.sets.setdefault(partition, {})
@@ -83,6 +162,12 @@ class InMemoryDeadlineStore(DeadlineStore):
             if at is None:
                 zset.pop(user, None)
             else:
+                zset[user] = at
+
+    async def schedule_earlier(self, partition: int, entries: Mapping[str, int]) -> None:
+        zset = self.sets.setdefault(partition, {})
+        for user, at in entries.items():
+            if user not in zset or at < zset[user]:
                 zset[user] = at
 
     async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
@@ -108,6 +193,7 @@ class InMemoryDeadlineStore(DeadlineStore):
         for p in partitions:
             for user in users:
                 self.sets.get(p, {}).pop(user, None)
+            self.members.get(p, set()).difference_update(users)
 
     async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
         current = self.marks.get(partition)
@@ -164,6 +250,11 @@ class RedisDeadlineStore(DeadlineStore):
         if adds or removes:
             await pipe.execute()
 
+    async def schedule_earlier(self, partition: int, entries: Mapping[str, int]) -> None:
+        if entries:
+            args = [arg for user, at in entries.items() for arg in (at, user)]
+            await self.client.execute_command("ZADD", self._zset(partition), "LT", *args)
+
     async def due(self, partition: int, upto_ms: int, limit: int) -> list[tuple[str, int]]:
         rows: list[Any] = await self.client.zrangebyscore(
             self._zset(partition), "-inf", upto_ms, start=0, num=limit, withscores=True
@@ -202,15 +293,51 @@ class RedisDeadlineStore(DeadlineStore):
         pipe = self.client.pipeline(transaction=False)
         for p in partitions:
             pipe.zrem(self._zset(p), *users)
+            pipe.srem(self._members(p), *users)
         await pipe.execute()
+
+    def _members(self, partition: int) -> str:
+        return self.keys.partition_members(self.topic, partition)
+
+    async def add_members(self, partition: int, users: Iterable[str]) -> None:
+        listed = list(users)
+        if listed:
+            await self.client.sadd(self._members(partition), *listed)
+
+    async def remove_members(self, partition: int, users: Sequence[str]) -> None:
+        if users:
+            await self.client.srem(self._members(partition), *users)
+
+    async def scan_members(self, partition: int, cursor: int, count: int) -> tuple[int, list[str]]:
+        nxt, found = await self.client.sscan(self._members(partition), cursor, count=count)
+        return int(nxt), [u.decode() if isinstance(u, bytes) else str(u) for u in found]
+
+    async def sweep_state(self, partition: int) -> SweepState:
+        raw = await self.client.hmget(self.keys.sweep(self.topic, partition), ["done", "started", "cursor"])
+        done, started, cursor = (int(v) if v is not None else 0 for v in raw)
+        return SweepState(done, started, cursor)
+
+    async def save_sweep(self, partition: int, state: SweepState) -> None:
+        await self.client.hset(
+            self.keys.sweep(self.topic, partition),
+            mapping={"done": state.done, "started": state.started_for, "cursor": state.cursor},
+        )
 
     async def advance_watermark(self, partition: int, event_ms: int, wall_ms: int) -> None:
         await self.scripts.call("advance", [self.keys.watermark(self.topic, partition)], event_ms, wall_ms)
 
     async def record_batch(
-        self, schedules: Mapping[int, Mapping[str, int | None]], marks: Mapping[int, int], wall_ms: int
+        self,
+        schedules: Mapping[int, Mapping[str, int | None]],
+        marks: Mapping[int, int],
+        wall_ms: int,
+        members: Mapping[int, Iterable[str]] | None = None,
     ) -> None:
         calls: list[Call] = []
+        for partition, users in (members or {}).items():
+            listed = list(users)
+            if listed:
+                calls.append(("SADD", self._members(partition), *listed))
         for partition, entries in schedules.items():
             adds = [arg for user, at in entries.items() if at is not None for arg in (at, user)]
             removes = [user for user, at in entries.items() if at is None]

@@ -65,6 +65,14 @@ class Keys:
         """Hash ``ts`` (max event time seen) and ``at`` (wall clock then) of one input partition."""
         return f"{self.prefix}:watermark:{{{hash_tag(f'{topic}#{partition}')}}}"
 
+    def partition_members(self, topic: str, partition: int) -> str:
+        """Set of the user ids whose profiles one input partition writes (the cluster sweep walks it)."""
+        return f"{self.prefix}:members:{{{hash_tag(f'{topic}#{partition}')}}}"
+
+    def sweep(self, topic: str, partition: int) -> str:
+        """Hash ``done`` / ``started`` / ``cursor``: the cluster sweep's position in one partition."""
+        return f"{self.prefix}:sweep:{{{hash_tag(f'{topic}#{partition}')}}}"
+
     def cluster_model(self, kind: str) -> str:
         """The shared cluster model: ``model`` (hash version/snapshot), ``history`` (list),
         ``vectors`` (hash user -> latest feature vector, the training sample set), ``lease``

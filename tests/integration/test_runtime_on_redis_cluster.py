@@ -16,7 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from stream_app.app import Runtime
-from stream_app.contract import iso_ms
+from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.pipeline import Record
 from stream_app.settings import Settings
 
@@ -32,7 +32,13 @@ def track(name: str, mid: str, at_ms: int, uid: str | None, anon: str | None = N
 
 
 def records(*raws: bytes) -> list[Record]:
-    return [Record(raw, b"k", "onboarding.events", 0, next(_offsets), None) for raw in raws]
+    """As a live producer writes them: each record's timestamp is its event's time."""
+    return [
+        Record(
+            raw, b"k", "onboarding.events", 0, next(_offsets), parse_timestamp(orjson.loads(raw)["timestamp"])
+        )
+        for raw in raws
+    ]
 
 
 async def test_a_batch_runs_on_redis_cluster(

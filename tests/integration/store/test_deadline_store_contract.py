@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
+from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore, SweepState
 from stream_app.store.keys import Keys
 
 
@@ -73,3 +73,41 @@ async def test_due_many_returns_only_partitions_with_due_users(store: DeadlineSt
     await store.schedule(1, {"c": 500})
     assert await store.due_many({0: 20, 1: 20, 2: 20}, 10) == {0: [("a", 10)]}
     assert await store.due_many({}, 10) == {}
+
+
+async def test_schedule_earlier_never_delays_a_deadline(store: DeadlineStore) -> None:
+    await store.schedule(0, {"a": 500, "b": 500})
+    await store.schedule_earlier(0, {"a": 900, "b": 200, "c": 700})
+    assert await store.due(0, 10_000, 10) == [("b", 200), ("a", 500), ("c", 700)]
+
+
+async def test_members_are_scanned_completely_while_others_leave(store: DeadlineStore) -> None:
+    users = [f"u{i:03d}" for i in range(300)]
+    await store.record_batch({}, {}, wall_ms=1, members={2: users[:200]})
+    await store.add_members(2, users[200:])
+    await store.add_members(3, ["other"])
+    seen: list[str] = []
+    cursor, rounds = 0, 0
+    while True:
+        cursor, chunk = await store.scan_members(2, cursor, 40)
+        seen.extend(chunk)
+        rounds += 1
+        if rounds == 2:  # members leave in the middle of the scan (tombstones, erasure)
+            await store.remove_members(2, [u for u in users[::3] if u not in seen])
+        if cursor == 0:
+            break
+    stayed = {u for u in users if u in seen or u not in users[::3]}
+    assert stayed <= set(seen) and "other" not in seen and rounds > 2
+    await store.remove_users(["u001"], range(4))
+    cursor, rest = await store.scan_members(2, 0, 1000)
+    while cursor:
+        cursor, more = await store.scan_members(2, cursor, 1000)
+        rest.extend(more)
+    assert "u001" not in rest
+
+
+async def test_sweep_state_round_trips(store: DeadlineStore) -> None:
+    assert await store.sweep_state(5) == SweepState()
+    await store.save_sweep(5, SweepState(done=2, started_for=3, cursor=17))
+    assert await store.sweep_state(5) == SweepState(2, 3, 17)
+    assert await store.sweep_state(6) == SweepState()
