@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import cluster_coverage
 from common import machine, write_section
 from rich.console import Console
 from rich.table import Table
@@ -312,6 +313,9 @@ second time in their first minutes, gave the figures above).
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=2000, help="users per stream (default 2000)")
+    parser.add_argument(
+        "--skip-delivered", action="store_true", help="skip the coverage runs with real workers (minutes)"
+    )
     args = parser.parse_args()
     n = args.users
     with console.status("simulating streams through the pipeline…"):
@@ -457,6 +461,8 @@ in a thread, every `CLUSTER_TRAIN_INTERVAL_SECONDS`.
 {delivered_text}"""
     write_section(SECTION, text)
     console.print(f"wrote {SECTION!r} to bench/RESULTS.md")
+    if not args.skip_delivered:  # coverage and ARI next to each other, from real workers
+        cluster_coverage.main_with(users=1000, interval=10.0, cold_seconds=90.0)
 
 
 if __name__ == "__main__":
