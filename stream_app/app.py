@@ -27,13 +27,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from stream_app.clock import watermark_candidate
-from stream_app.contract import ContractRules, blocked_id_set, iso_ms
+from stream_app.configure import contract_rules, identity_rules, profile_rules, trigger_config
+from stream_app.contract import iso_ms
 from stream_app.errors import ConfigError
-from stream_app.identity import IdentityRules
 from stream_app.metrics import Metrics
 from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
-from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone, render_profile
+from stream_app.profile import Profile, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
 from stream_app.segments.cluster_model import (
     Snapshot,
@@ -51,50 +51,11 @@ from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore
 from stream_app.store.profiles import AnyRedis, ProfileStore, RedisProfileStore
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 from stream_app.topics import TopicSpec, load_topics
-from stream_app.triggers.config import TriggerConfig, TriggerConfigError, load_triggers
 from stream_app.triggers.decide import StepBaseline
 
 log = logging.getLogger("stream_app")
 
 DAY_MS = 86_400_000
-
-
-def contract_rules(settings: Settings) -> ContractRules:
-    return ContractRules(
-        max_event_bytes=settings.max_event_bytes,
-        max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
-        pii_salt=settings.pii_hash_salt.get_secret_value().encode(),
-        blocked_ids=blocked_id_set(settings.identity_blocked_ids),
-    )
-
-
-def identity_rules(settings: Settings) -> IdentityRules:
-    return IdentityRules(
-        max_merged_ids=settings.identity_max_merged_ids, merge_identified=settings.identity_merge_identified
-    )
-
-
-def profile_rules(settings: Settings) -> ProfileRules:
-    return ProfileRules(
-        session_gap_ms=settings.session_gap_seconds * 1000,
-        active_min_sessions=settings.lifecycle_active_min_sessions,
-        dormant_after_ms=int(settings.lifecycle_dormant_after_days * DAY_MS),
-        churned_after_ms=int(settings.lifecycle_churned_after_days * DAY_MS),
-    )
-
-
-def trigger_config(settings: Settings) -> TriggerConfig:
-    overrides = {
-        "multiplier": settings.stall_multiplier,
-        "min_samples": settings.stall_min_samples,
-        "default_mean": settings.stall_default_mean_seconds,
-        "min_threshold": settings.stall_min_threshold_seconds,
-        "max_threshold": settings.stall_max_threshold_seconds,
-    }
-    try:
-        return load_triggers(settings.triggers_file or CONFIG_DIR / "triggers.toml", overrides)
-    except TriggerConfigError as exc:
-        raise ConfigError("TRIGGERS_FILE", str(exc)) from exc
 
 
 def redis_client(settings: Settings, url: str) -> AnyRedis:

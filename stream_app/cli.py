@@ -2,6 +2,7 @@
 
 stream-app demo              embedded broker + Redis + worker + synthetic stream + live view
 stream-app worker            run the worker against KAFKA_BOOTSTRAP_SERVERS and REDIS_URL
+stream-app collector         the HTTP front door: Segment's tracking API -> onboarding.events
 stream-app topics apply      create/update the topics declared in topics/topics.toml
 stream-app profile USER_ID   print a user's profile as JSON
 stream-app report            trigger lift: treated vs holdout completion with 95% intervals
@@ -57,6 +58,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
     worker.execute_from_commandline()
     return 0
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    from stream_app.collector.server import run
+    from stream_app.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    run(settings)
+    return 0
+
+
+COLLECTOR_HELP = """configuration (environment variables; see README "Front door"):
+  KAFKA_BOOTSTRAP_SERVERS    the Kafka cluster to produce to (and KAFKA_SECURITY_PROTOCOL ...)
+  COLLECTOR_HOST, _PORT      where to listen (default 127.0.0.1:8088)
+  COLLECTOR_WRITE_KEYS       accepted write keys, comma-separated; source=key names a key's source
+  COLLECTOR_ALLOW_ANONYMOUS  true: accept requests without a known key (demos only)
+  COLLECTOR_ALLOWED_ORIGINS  browser origins allowed by CORS, comma-separated (* = any)
+
+Point an SDK at it: analytics-node {host: 'http://HOST:PORT'}, segment-analytics-python
+host='http://HOST:PORT', analytics.js apiHost 'HOST:PORT/v1' (protocol http or https).
+"""
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
@@ -212,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply-topics", action="store_true", help="create/update the declared topics before starting"
     )
     worker.set_defaults(func=_cmd_worker)
+
+    collector = sub.add_parser(
+        "collector",
+        help="the HTTP front door: accepts Segment's HTTP tracking API (/v1/track, /v1/batch, ...) "
+        "from analytics SDKs and browsers and produces to onboarding.events",
+        description="A stateless HTTP server (scale it behind a load balancer): each request's events "
+        "are validated with the engine's contract and produced to onboarding.events (or the dead-letter "
+        "topic with their reason); the answer is 200 only once the broker acknowledged them, 503 with "
+        "Retry-After when it cannot (the SDKs retry).",
+        epilog=COLLECTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    collector.set_defaults(func=_cmd_collector)
 
     topics = sub.add_parser("topics", help="manage the declared Kafka topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")

@@ -200,3 +200,52 @@ class Metrics:
             "Wall clock minus the event-time watermark, worst owned partition.",
             registry=r,
         )
+
+
+class CollectorMetrics:
+    """The HTTP collector's metrics (``stream-app collector``), on their own registry.
+
+    Labels are bounded: ``route`` is one of the API's route names (or ``other``), ``status``
+    an HTTP status code, ``reason`` a dead-letter reason code. Never a write key or an id.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "onboarding_collector_requests_total",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.events = Counter(
+            "onboarding_collector_events_total",
+            "Events received in accepted requests: outcome=accepted (to onboarding.events) or "
+            "dead_lettered (broke the contract; to the dead-letter topic).",
+            ["outcome"],
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "onboarding_collector_events_rejected_total",
+            "Events dead-lettered by the collector, by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.produce_seconds = Histogram(
+            "onboarding_collector_produce_seconds",
+            "Time from producing a request's records to the broker's acknowledgement of all of them.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "onboarding_collector_request_seconds",
+            "Time to answer an event request (read, parse, validate, produce, acknowledged).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "onboarding_collector_in_flight_requests",
+            "Event requests being handled now.",
+            registry=r,
+        )

@@ -172,6 +172,35 @@ class Settings(BaseSettings):
         0.02, gt=0, le=1, description="river KMeans halflife (step of online updates)."
     )
 
+    # --- Collector (stream-app collector) ---------------------------------------------------
+    collector_host: str = Field("127.0.0.1", description="Address the HTTP collector binds.")
+    collector_port: int = Field(8088, ge=1, le=65535, description="Port of the HTTP collector.")
+    collector_write_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated write keys the collector accepts; `source=key` names the key's "
+        "source, recorded on its events as context.source.",
+    )
+    collector_allow_anonymous: bool = Field(
+        False, description="Accept requests without a known write key (the demo only)."
+    )
+    collector_allowed_origins: str = Field(
+        "",
+        description="Comma-separated browser origins allowed by CORS (e.g. https://app.example.com); "
+        "`*` allows any. Requests from other origins are refused.",
+    )
+    collector_produce_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long a request waits for the broker's acknowledgement before 503.",
+    )
+    collector_max_in_flight: int = Field(
+        1000, ge=1, description="Requests handled at once; more get 503 with Retry-After."
+    )
+    collector_shutdown_seconds: float = Field(
+        10.0, gt=0, le=120, description="On SIGTERM: time for in-flight requests and the producer flush."
+    )
+
     # --- Logging ------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

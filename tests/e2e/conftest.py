@@ -101,6 +101,90 @@ class WorkerHandle:
 
 
 @dataclass
+class CollectorHandle:
+    """One `stream-app collector` process (the HTTP front door)."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> CollectorHandle:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app", "collector"],
+            env=dict(self.env, COLLECTOR_PORT=str(self.port)),
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.1)
+        raise AssertionError(f"collector did not answer /healthz\n{self.tail()}")
+
+    def post(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        request = urllib.request.Request(self.url + path, data=body, headers=headers or {}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status, orjson.loads(resp.read()), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read()), dict(exc.headers)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+WRITE_KEYS = "web=wk-web,server=wk-server"
+
+
+@pytest.fixture
+def collector_factory(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[..., CollectorHandle]]:
+    handles: list[CollectorHandle] = []
+
+    def make(**env: str) -> CollectorHandle:
+        merged = dict(deployment.env, COLLECTOR_WRITE_KEYS=WRITE_KEYS, **env)
+        handle = CollectorHandle(merged, tmp_path / f"collector{len(handles)}.log")
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@dataclass
 class Deployment:
     """Fresh topic names, consumer group and Redis key prefix for one test."""
 

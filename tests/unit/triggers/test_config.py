@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.app import trigger_config
+from stream_app.configure import trigger_config
 from stream_app.errors import ConfigError
 from stream_app.paths import CONFIG_DIR
 from stream_app.settings import Settings

@@ -1,0 +1,1 @@
+"""The HTTP front door: a Segment-compatible collector that produces to ``onboarding.events``."""

@@ -1,0 +1,165 @@
+"""The HTTP front door as frontends use it: the published analytics SDKs, pointed at the collector.
+
+`stream-app collector` and `stream-app worker` run as processes on a real broker and Redis;
+the clients are the libraries product teams already ship (PyPI, npm, a real browser), with
+nothing changed but the host they send to.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from .conftest import CollectorHandle, Deployment, WorkerHandle, wait_until
+
+pytestmark = pytest.mark.e2e
+
+STEPS = ("account", "profile", "connect_data")
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+def applied(worker: WorkerHandle) -> float:
+    return worker.metric("onboarding_events_applied_total")
+
+
+def journey(client: Any, uid: str, anon: str) -> int:
+    """One user's onboarding through an analytics SDK client; returns the events sent."""
+    client.page(anonymous_id=anon, name="Landing", properties={"path": "/"})
+    client.identify(uid, {"plan": "pro", "role": "developer"}, anonymous_id=anon)
+    for step in STEPS:
+        client.track(uid, "Onboarding Step Started", {"flow": "signup", "step": step})
+        client.track(uid, "Onboarding Step Completed", {"flow": "signup", "step": step})
+    client.screen(uid, name="Home")
+    client.group(uid, "acme-1", {"plan": "team"})
+    client.alias(f"old-{uid}", uid)
+    return 2 + 2 * len(STEPS) + 3
+
+
+def check_profiles(worker: WorkerHandle, users: dict[str, str], per_user: int) -> None:
+    for uid, anon in users.items():
+        status, doc = worker.get(f"/profiles/{uid}")
+        assert status == 200, (uid, doc)
+        assert doc["event_count"] == per_user, (uid, doc["event_count"])
+        assert doc["counts"] == {"page": 1, "identify": 1, "track": 2 * len(STEPS), "screen": 1,
+                                 "group": 1, "alias": 1}, doc["counts"]  # fmt: skip
+        assert sorted(doc["onboarding"]["signup"]["completed_steps"]) == sorted(STEPS)
+        assert doc["traits"]["plan"] == "pro" and "acme-1" in doc["groups"]
+        assert sorted(doc["merged_from"]) == sorted([anon, f"old-{uid}"])
+
+
+def test_python_sdks_feed_profiles_through_the_collector(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any
+) -> None:
+    from rudderstack.analytics import Client as RudderClient
+    from segment.analytics import Client as SegmentClient
+
+    worker = worker_factory().start()
+    collector: CollectorHandle = collector_factory().start()
+    errors: list[Any] = []
+    segment = SegmentClient(
+        write_key="wk-server", host=collector.url, on_error=lambda e, batch: errors.append(e), max_retries=5
+    )
+    rudder = RudderClient(
+        write_key="wk-server", host=collector.url, on_error=lambda e, batch: errors.append(e), max_retries=5
+    )  # gzip on by default: the collector inflates it
+    users: dict[str, str] = {}
+    sent = 0
+    for i in range(300):
+        uid, anon = f"sdk-{i}", f"anon-sdk-{i}"
+        users[uid] = anon
+        sent += journey(segment if i % 3 else rudder, uid, anon)
+    segment.flush()
+    rudder.flush()
+    segment.shutdown()
+    rudder.shutdown()
+    assert errors == []
+    wait_until(lambda: applied(worker) >= sent, 120, "every event applied", worker.tail)
+    time.sleep(1)
+    assert applied(worker) == sent
+    check_profiles(worker, users, sent // len(users))
+    assert collector.metric("onboarding_collector_events_total") == sent
+    assert collector.metric('onboarding_collector_requests_total{route="batch",status="200"}') >= 2
+
+
+def read_dlq(deployment: Deployment) -> list[Any]:
+    consumer = Consumer(
+        {"bootstrap.servers": deployment.settings.kafka_bootstrap_servers, "group.id": uuid.uuid4().hex}
+    )
+    consumer.assign([TopicPartition(deployment.settings.topic_dlq, 0, OFFSET_BEGINNING)])
+    out = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and not msg.error():
+            out.append(msg)
+            deadline = time.monotonic() + 2
+    consumer.close()
+    return out
+
+
+def test_bad_requests_get_clear_errors_and_bad_events_reach_the_dead_letter_topic(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any
+) -> None:
+    worker = worker_factory().start()
+    collector: CollectorHandle = collector_factory().start()
+    good = {"type": "track", "event": "Feature Used", "properties": {"feature": "export"}}
+    body = orjson.dumps({"batch": [dict(good, userId="u-1", messageId="m-1")]})
+
+    status, answer, _ = collector.post("/v1/batch", body, basic("wrong-key"))
+    assert status == 401 and answer["code"] == "invalid_write_key"
+    status, answer, _ = collector.post("/v1/batch", body)  # no key at all
+    assert status == 401
+    status, answer, _ = collector.post("/v1/batch", b"{broken", basic("wk-web"))
+    assert status == 400 and answer["code"] == "invalid_json"
+    status, answer, _ = collector.post(
+        "/v1/batch", b"\x1f\x8b\x08 not gzip", {**basic("wk-web"), "Content-Encoding": "gzip"}
+    )
+    assert status == 400 and answer["code"] == "invalid_gzip"
+    huge = orjson.dumps({"batch": [dict(good, userId="u", messageId=f"h{i}") for i in range(2501)]})
+    status, answer, _ = collector.post("/v1/batch", huge, basic("wk-web"))
+    assert status == 400 and answer["code"] in ("batch_too_large", "request_too_large")
+    fat = orjson.dumps(dict(good, userId="u", messageId="fat", properties={"x": "y" * 40_000}))
+    status, answer, _ = collector.post("/v1/track", fat, basic("wk-web"))
+    assert status == 400 and answer["code"] == "event_too_large"
+    status, answer, _ = collector.post("/v1/nope", body, basic("wk-web"))
+    assert status == 404
+
+    mixed = {
+        "batch": [
+            dict(good, userId="mixed-1", messageId="ok-1"),
+            {"type": "track", "userId": "mixed-2", "messageId": "bad-1"},  # no event name
+            dict(good, userId="undefined", messageId="bad-2"),  # a placeholder id and nothing else
+            dict(good, userId="mixed-3", messageId="bad-3", timestamp="not a time"),
+            dict(good, anonymousId="mixed-4", messageId="ok-2"),
+        ],
+        "writeKey": "wk-web",
+    }
+    gz = gzip.compress(orjson.dumps(mixed))
+    status, answer, _ = collector.post(
+        "/v1/import", gz, {"Content-Type": "text/plain", "Content-Encoding": "gzip"}
+    )
+    assert status == 200 and answer == {"success": True}
+    wait_until(lambda: applied(worker) >= 2, 60, "the good events", worker.tail)
+    for uid in ("mixed-1", "mixed-4"):
+        status, doc = worker.get(f"/profiles/{uid}")
+        assert status == 200 and doc["features"] == {"export": 1}
+    dead = read_dlq(deployment)
+    reasons = Counter(dict(m.headers() or [])["dlq.reason"].decode() for m in dead)
+    assert reasons == {"missing_field": 1, "blocked_id": 1, "bad_timestamp": 1}
+    for message in dead:
+        headers = dict(message.headers() or [])
+        assert headers["dlq.source.topic"] == b"http:/v1/import"
+        assert "writeKey" not in orjson.loads(message.value())  # the secret never travels on
+    assert collector.metric('onboarding_collector_events_total{outcome="dead_lettered"}') == 3
+    assert collector.metric('onboarding_collector_requests_total{route="batch",status="401"}') == 2
