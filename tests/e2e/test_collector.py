@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import base64
 import gzip
+import html
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from stream_app.embedded import EmbeddedBroker, free_port
+from stream_app.topics import apply_topics
 
 from .conftest import CollectorHandle, Deployment, WorkerHandle, wait_until
 
@@ -163,3 +174,190 @@ def test_bad_requests_get_clear_errors_and_bad_events_reach_the_dead_letter_topi
         assert "writeKey" not in orjson.loads(message.value())  # the secret never travels on
     assert collector.metric('onboarding_collector_events_total{outcome="dead_lettered"}') == 3
     assert collector.metric('onboarding_collector_requests_total{route="batch",status="401"}') == 2
+
+
+JS_DIR = Path(__file__).parent / "js"
+NODE_MODULES = JS_DIR / "node_modules"
+
+
+def need_node_modules() -> None:
+    if not (NODE_MODULES / "@segment" / "analytics-node").exists():
+        pytest.skip(f"npm packages not installed: run `npm ci` in {JS_DIR} (.ci/deps does)")
+
+
+def test_analytics_node_feeds_profiles_through_the_collector(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any
+) -> None:
+    need_node_modules()
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    worker = worker_factory().start()
+    collector: CollectorHandle = collector_factory().start()
+    out = subprocess.run(
+        [node, str(JS_DIR / "node_client.js"), collector.url, "wk-server", "150", "node"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=JS_DIR,
+    )
+    assert out.returncode == 0, out.stderr
+    report = orjson.loads(out.stdout.strip().splitlines()[-1])
+    assert report["errors"] == [] and report["sent"] == 150 * 11
+    wait_until(lambda: applied(worker) >= report["sent"], 120, "every event applied", worker.tail)
+    time.sleep(1)
+    assert applied(worker) == report["sent"]
+    check_profiles(worker, {f"node-{i}": f"anon-node-{i}" for i in range(150)}, 11)
+
+
+class PageServer:
+    """Serves the onboarding page and analytics-next's UMD build on an origin of its own."""
+
+    def __init__(self) -> None:
+        umd = NODE_MODULES / "@segment" / "analytics-next" / "dist" / "umd"
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def translate_path(self, path: str) -> str:
+                path = path.split("?", 1)[0]
+                if path.startswith("/analytics-next/bundles/"):
+                    return str(umd / path.removeprefix("/analytics-next/bundles/"))
+                return str(JS_DIR / path.lstrip("/"))
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def run_page(url: str, tmp_path: Path) -> str:
+    """Load ``url`` in headless Chromium until its script is done; the page's log."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package chromium; .ci/deps installs it)")
+    out = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / f'chromium-{uuid.uuid4().hex[:6]}'}",
+            "--virtual-time-budget=30000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    dom = out.stdout
+    assert 'id="status">DONE' in dom, dom[-3000:] + out.stderr[-2000:]
+    return html.unescape(dom.split('<pre id="log">', 1)[1].split("</pre>", 1)[0])
+
+
+def test_a_browser_page_on_another_origin_sends_through_cors(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any, tmp_path: Path
+) -> None:
+    need_node_modules()
+    page = PageServer()
+    try:
+        worker = worker_factory().start()
+        collector: CollectorHandle = collector_factory(COLLECTOR_ALLOWED_ORIGINS=page.origin).start()
+        users = 3
+        log = run_page(
+            f"{page.origin}/onboarding.html?collector={collector.port}&key=wk-web&users={users}&prefix=web",
+            tmp_path,
+        )
+        assert log.count("failed=0") == users, log
+        wait_until(lambda: applied(worker) >= users * 8, 60, "the browser's events", worker.tail)
+        for i in range(users):
+            status, doc = worker.get(f"/profiles/web-{i}")
+            assert status == 200 and doc["counts"] == {"page": 1, "identify": 1, "track": 6}, doc
+            assert sorted(doc["onboarding"]["signup"]["completed_steps"]) == sorted(STEPS)
+            assert len(doc["merged_from"]) == 1  # the browser's anonymousId, linked by identify
+        assert collector.metric('onboarding_collector_requests_total{route="t",status="200"}') == users * 6
+    finally:
+        page.close()
+
+
+def test_a_page_from_a_disallowed_origin_gets_nothing_in(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any, tmp_path: Path
+) -> None:
+    need_node_modules()
+    page = PageServer()
+    try:
+        worker = worker_factory().start()
+        collector: CollectorHandle = collector_factory(
+            COLLECTOR_ALLOWED_ORIGINS="https://app.example.com"
+        ).start()
+        log = run_page(
+            f"{page.origin}/onboarding.html?collector={collector.port}&key=wk-web&users=1&prefix=evil&raw=1",
+            tmp_path,
+        )
+        assert "beacon queued=true" in log, log  # the beacon and the no-cors fetch did go out
+        time.sleep(3)
+        assert applied(worker) == 0
+        assert worker.get("/profiles/evil-0")[0] == 404 and worker.get("/profiles/evil-raw")[0] == 404
+        assert collector.metric("onboarding_collector_events_total") == 0
+        refused = collector.metric('onboarding_collector_requests_total{route="t",status="403"}')
+        assert refused >= 2  # refused by their Origin, not only left unreadable by the browser
+    finally:
+        page.close()
+
+
+def test_a_paused_broker_gets_503s_and_after_the_retries_every_event_counts_once(
+    deployment: Deployment, worker_factory: Any, collector_factory: Any
+) -> None:
+    from segment.analytics import Client as SegmentClient
+
+    with EmbeddedBroker() as broker:  # a broker of its own: this test freezes it
+        deployment.env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        deployment.settings = deployment.settings.model_copy(
+            update={"kafka_bootstrap_servers": broker.bootstrap}
+        )
+        apply_topics(deployment.settings, broker.bootstrap)
+        worker = worker_factory().start()
+        collector: CollectorHandle = collector_factory(COLLECTOR_PRODUCE_TIMEOUT_SECONDS="2").start()
+        errors: list[Any] = []
+        client = SegmentClient(
+            write_key="wk-server",
+            host=collector.url,
+            on_error=lambda e, batch: errors.append(e),
+            max_retries=10,
+            upload_size=50,
+        )
+        users = {f"pause-{i}": f"anon-pause-{i}" for i in range(120)}
+        refused = 'onboarding_collector_requests_total{route="batch",status="503"}'
+        sent = 0
+        assert broker._proc is not None
+        pid = broker._proc.pid
+        try:
+            for i, (uid, anon) in enumerate(users.items()):
+                sent += journey(client, uid, anon)
+                if i == 40:
+                    client.flush()
+                    os.kill(pid, signal.SIGSTOP)  # the broker hangs mid-load
+                    frozen_at = time.monotonic()
+                if i == 80:
+                    wait_until(lambda: collector.metric(refused) > 0, 30, "a 503", collector.tail)
+                    time.sleep(max(0.0, 6 - (time.monotonic() - frozen_at)))
+                    os.kill(pid, signal.SIGCONT)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        client.flush()
+        client.shutdown()
+        assert errors == []
+        assert collector.metric(refused) >= 1
+        wait_until(lambda: applied(worker) >= sent, 180, "every event applied", worker.tail)
+        time.sleep(2)
+        assert applied(worker) == sent  # retried requests and late deliveries dropped by messageId
+        check_profiles(worker, users, sent // len(users))

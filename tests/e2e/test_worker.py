@@ -171,7 +171,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_keeps_going(
     bad: list[tuple[bytes | None, bytes, str]] = [
         (b"k1", b"{this is not json", "not_json"),
         (b"k2", orjson.dumps({"type": "track", "event": "x", "userId": "u"}), "missing_message_id"),
-        (b"k3", orjson.dumps({"type": "screen", "messageId": "s", "userId": "u"}), "unknown_type"),
+        (b"k3", orjson.dumps({"type": "screenview", "messageId": "s", "userId": "u"}), "unknown_type"),
         (b"k4", orjson.dumps({"type": "track", "messageId": "w", "userId": 42, "event": "x"}), "wrong_type"),
         (None, garbage, "too_large"),
     ]
