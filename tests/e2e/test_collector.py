@@ -11,6 +11,7 @@ import base64
 import gzip
 import html
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -25,8 +26,10 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from jsonschema import Draft202012Validator
 
 from stream_app.embedded import EmbeddedBroker, free_port
+from stream_app.paths import SCHEMAS_DIR
 from stream_app.topics import apply_topics
 
 from .conftest import CollectorHandle, Deployment, WorkerHandle, wait_until
@@ -168,8 +171,10 @@ def test_bad_requests_get_clear_errors_and_bad_events_reach_the_dead_letter_topi
     dead = read_dlq(deployment)
     reasons = Counter(dict(m.headers() or [])["dlq.reason"].decode() for m in dead)
     assert reasons == {"missing_field": 1, "blocked_id": 1, "bad_timestamp": 1}
+    schema = Draft202012Validator(json.loads((SCHEMAS_DIR / "onboarding.events.dlq.schema.json").read_text()))
     for message in dead:
         headers = dict(message.headers() or [])
+        schema.validate({k: v.decode() for k, v in headers.items()})
         assert headers["dlq.source.topic"] == b"http:/v1/import"
         assert "writeKey" not in orjson.loads(message.value())  # the secret never travels on
     assert collector.metric('onboarding_collector_events_total{outcome="dead_lettered"}') == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -10,9 +11,11 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
+from jsonschema import Draft202012Validator
 
 from stream_app.contract import ContractRules, iso_ms
 from stream_app.metrics import Metrics
+from stream_app.paths import SCHEMAS_DIR
 from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import ProfileRules
 from stream_app.store.keys import Keys
@@ -21,6 +24,8 @@ from stream_app.store.profiles import InMemoryProfileStore
 from .conftest import PII_SALT, Deployment, WorkerHandle, wait_until
 
 pytestmark = pytest.mark.e2e
+
+DLQ_SCHEMA = Draft202012Validator(json.loads((SCHEMAS_DIR / "onboarding.events.dlq.schema.json").read_text()))
 
 STEPS = ["account", "profile", "connect_data", "invite_team"]
 
@@ -206,6 +211,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_keeps_going(
         assert headers["dlq.reason"] == reason
         assert headers["dlq.message"]
         assert headers["dlq.source.topic"] == deployment.settings.topic_events
+        DLQ_SCHEMA.validate(headers)
         assert int(headers["dlq.source.offset"]) >= 0
         assert msg.key() == key
     assert worker.metric("onboarding_events_invalid_total") == len(bad)

@@ -318,3 +318,8 @@ def test_placeholder_ids_are_treated_as_absent(junk: str) -> None:
 def test_the_schema_blocks_exactly_the_default_placeholder_ids() -> None:
     schema = json.loads((SCHEMAS_DIR / "onboarding.events.schema.json").read_text())
     assert schema["$defs"]["usableId"]["not"]["pattern"] == blocked_id_pattern(DEFAULT_BLOCKED_IDS)
+
+
+def test_every_dead_letter_reason_is_in_the_dlq_schema() -> None:
+    dlq = json.loads((SCHEMAS_DIR / "onboarding.events.dlq.schema.json").read_text())
+    assert set(dlq["properties"]["dlq.reason"]["enum"]) == {r.value for r in Reason}
