@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stream_app.contract import iso_ms
-from stream_app.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from stream_app.demo.services import EngineProcess, worker_ready
+from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
@@ -75,24 +75,11 @@ def run_bare(bootstrap: str, topic: str, n: int) -> dict[str, float]:
 
 
 def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app", "worker"],
-        env={**env, "WEB_PORT": str(port)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if orjson.loads(urllib.request.urlopen(url + "/healthz", timeout=1).read()).get("partitions"):
-                return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("worker did not get partitions")
+    """A `stream-app worker` that owns its partitions; its process and base URL."""
+    worker = EngineProcess("worker", env, Path(os.devnull), "WEB_PORT", worker_ready).start()
+    worker.wait_ready(120)
+    assert worker.proc is not None
+    return worker.proc, worker.url
 
 
 def processed(metrics: dict[str, Any]) -> float:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,117 +17,69 @@ import pytest
 from confluent_kafka import Producer
 
 from stream_app.contract import parse_timestamp
-from stream_app.embedded import free_port
+from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
 from stream_app.settings import Settings
 from stream_app.topics import apply_topics
 
 PII_SALT = "e2e-salt"
 
 
-@dataclass
-class WorkerHandle:
-    """One `stream-app worker` process plus what a test needs to talk to it."""
+class _HttpChecks:
+    """What the tests ask of an engine process over HTTP."""
 
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    logs: list[Path] = field(default_factory=list)
-
-    def start(self) -> WorkerHandle:
-        self.port = free_port()
-        env = dict(self.env, WEB_PORT=str(self.port))
-        log = self.log_path.with_suffix(f".{len(self.logs)}.log")
-        self.logs.append(log)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "worker"],
-            env=env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 90
-        while not orjson.loads(self.wait_http("/healthz", 60)).get("partitions"):
-            assert time.monotonic() < deadline, f"no partitions assigned\n{self.tail()}"
-            time.sleep(0.25)  # the consumer group has not assigned partitions yet
-        return self
-
-    def wait_http(self, path: str, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.tail()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                    return bytes(resp.read())
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.2)
-        raise AssertionError(f"worker did not serve {path} in {timeout} s\n{self.tail()}")
+    url: str
 
     def get(self, path: str) -> tuple[int, Any]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
                 return resp.status, orjson.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read())
 
     def metric(self, name: str) -> float:
-        text = self.wait_http("/metrics", 10).decode()
+        """Sum of the samples of ``name`` (a full label set may be given: ``x{a="1",b="2"}``)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+class WorkerHandle(EngineProcess, _HttpChecks):
+    """One `stream-app worker` process; ``start`` returns once it owns partitions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__("worker", env, log_path, "WEB_PORT", worker_ready)
+
+    def start(self) -> WorkerHandle:
+        super().start()
+        self.wait_ready(90)
+        return self
+
+    def wait_http(self, path: str, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
             try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def tail(self, lines: int = 30) -> str:
-        if not self.logs:
-            return ""
-        return "\n".join(self.logs[-1].read_text(errors="replace").splitlines()[-lines:])
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                    return bytes(resp.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        raise AssertionError(f"worker did not serve {path} in {timeout} s\n{self.tail()}")
 
 
-@dataclass
-class CollectorHandle:
-    """One `stream-app collector` process (the HTTP front door)."""
+class CollectorHandle(EngineProcess, _HttpChecks):
+    """One `stream-app collector` process (the HTTP front door); ``start`` returns once it answers."""
 
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__("collector", env, log_path, "COLLECTOR_PORT", collector_ready)
 
     def start(self) -> CollectorHandle:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "collector"],
-            env=dict(self.env, COLLECTOR_PORT=str(self.port)),
-            stdout=self.log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)
-        raise AssertionError(f"collector did not answer /healthz\n{self.tail()}")
+        super().start()
+        self.wait_ready(60)
+        return self
 
     def post(
         self, path: str, body: bytes, headers: dict[str, str] | None = None
@@ -141,29 +90,6 @@ class CollectorHandle:
                 return resp.status, orjson.loads(resp.read()), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read()), dict(exc.headers)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 WRITE_KEYS = "web=wk-web,server=wk-server"
@@ -240,7 +166,7 @@ def worker_factory(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[
     handles: list[WorkerHandle] = []
 
     def make() -> WorkerHandle:
-        handle = WorkerHandle(deployment.env, tmp_path / f"worker{len(handles)}")
+        handle = WorkerHandle(deployment.env, tmp_path / f"worker{len(handles)}.log")
         handles.append(handle)
         return handle
 
