@@ -8,6 +8,6 @@ COPY schemas ./schemas
 COPY config ./config
 RUN pip install --no-cache-dir -e .
 ENV WEB_HOST=0.0.0.0 WEB_PORT=6066 LOG_FORMAT=json
-EXPOSE 6066
+EXPOSE 6066 8088
 ENTRYPOINT ["stream-app"]
 CMD ["worker"]
