@@ -189,8 +189,13 @@ _ONE_MS = timedelta(milliseconds=1)
 
 def iso_ms(ts_ms: int) -> str:
     """Render epoch milliseconds as ISO-8601 UTC with millisecond precision and a Z."""
-    dt = _EPOCH + timedelta(milliseconds=ts_ms)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    return f"{_iso_seconds(ts_ms // 1000)}.{ts_ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    # cached: a batch renders many times within the same few seconds (strftime is the cost)
+    return (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_timestamp(value: str) -> int:

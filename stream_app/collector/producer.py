@@ -67,37 +67,37 @@ class AsyncProducer:
     ) -> None:
         """Produce ``(topic, key, value, headers)`` records; return once all are acknowledged.
 
-        Raises :class:`ProduceUnavailable` (retry later) or :class:`ProduceRejected`.
+        Raises :class:`ProduceUnavailable` (retry later) or :class:`ProduceRejected`. One
+        future per call, settled by the delivery report that completes the set (or the first
+        failure): waking the event loop once per record would cost more than producing it.
         """
+        if not records:
+            return
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
+        done: asyncio.Future[None] = loop.create_future()
+        remaining = len(records)
 
-        def report(fut: asyncio.Future[None]) -> Any:
-            def done(err: KafkaError | None, _msg: Any) -> None:
-                loop.call_soon_threadsafe(_settle, fut, err)
+        def report(err: KafkaError | None, _msg: Any) -> None:  # on the polling thread only
+            nonlocal remaining
+            remaining -= 1
+            if err is not None or remaining == 0:
+                loop.call_soon_threadsafe(_settle, done, err)
 
-            return done
-
+        # records produced before a failure still report later: nobody awaits those reports
+        done.add_done_callback(_retrieve)
         for topic, key, value, headers in records:
-            fut: asyncio.Future[None] = loop.create_future()
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=list(headers or ()), on_delivery=report(fut)
+                    topic, value=value, key=key, headers=list(headers or ()), on_delivery=report
                 )
             except BufferError as exc:
-                _cancel(futures)
                 raise ProduceUnavailable("the producer queue is full") from exc
             except KafkaException as exc:
-                _cancel(futures)
                 raise ProduceRejected(str(exc)) from exc
-            futures.append(fut)
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError as exc:
             raise ProduceUnavailable(f"the broker did not acknowledge within {timeout:g} s") from exc
-        finally:
-            for fut in futures:  # reports that come after the request gave up are dropped quietly
-                fut.add_done_callback(_retrieve)
 
     def flush(self, timeout: float) -> int:
         """Deliver what is queued (graceful shutdown); the number of records still undelivered."""
@@ -124,9 +124,3 @@ def _settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _cancel(futures: list[asyncio.Future[None]]) -> None:
-    for fut in futures:
-        if not fut.done():
-            fut.cancel()

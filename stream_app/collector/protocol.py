@@ -154,9 +154,17 @@ def authenticate(authorization: str | None, body: Mapping[str, Any], keys: Write
     return ApiError(401, "invalid_write_key", "missing or unknown write key")
 
 
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """One event of a request, ready for ``onboarding.events``: the object and its JSON bytes."""
+
+    event: dict[str, Any]
+    raw: bytes
+
+
 def events_from_request(
     route_type: str | None, body: dict[str, Any], received_ms: int, source: str, limits: Limits
-) -> list[dict[str, Any]] | ApiError:
+) -> list[Normalized] | ApiError:
     """The events of one request, normalized for ``onboarding.events`` (see the module docstring)."""
     if route_type is not None:
         items: list[Any] = [body]
@@ -169,24 +177,55 @@ def events_from_request(
             return ApiError(400, "batch_too_large", f"a batch holds at most {limits.max_batch_events} events")
         items = batch
         envelope = body
-    out: list[dict[str, Any]] = []
+    clock = _RequestClock(received_ms)
+    out: list[Normalized] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             return ApiError(400, "invalid_event", f"batch item {index} is not a JSON object")
-        event = _normalize(item, envelope, route_type, received_ms, source)
-        size = len(orjson.dumps(event))
-        if size > limits.max_event_bytes:
+        event = _normalize(item, envelope, route_type, clock, source)
+        raw = orjson.dumps(event)
+        if len(raw) > limits.max_event_bytes:
             return ApiError(
                 400,
                 "event_too_large",
-                f"event {index} is {size} bytes; events are limited to {limits.max_event_bytes}",
+                f"event {index} is {len(raw)} bytes; events are limited to {limits.max_event_bytes}",
             )
-        out.append(event)
+        out.append(Normalized(event, raw))
     return out
 
 
+class _RequestClock:
+    """The receive time of one request, and its clients' ``sentAt`` values, parsed once each."""
+
+    def __init__(self, received_ms: int) -> None:
+        self.received_ms = received_ms
+        self.received = iso_ms(received_ms)
+        self._sent: dict[str, int | None] = {}
+
+    def corrected(self, stamped: str, sent_at: str) -> str | None:
+        """``receivedAt - (sentAt - timestamp)`` as ISO-8601; None if either is unreadable."""
+        if sent_at not in self._sent:
+            self._sent[sent_at] = _ms_or_none(sent_at)
+        sent = self._sent[sent_at]
+        stamp = _ms_or_none(stamped)
+        if sent is None or stamp is None:
+            return None
+        return iso_ms(self.received_ms - (sent - stamp))
+
+
+def _ms_or_none(text: str) -> int | None:
+    try:
+        return parse_timestamp(text)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _normalize(
-    item: dict[str, Any], envelope: Mapping[str, Any], route_type: str | None, received_ms: int, source: str
+    item: dict[str, Any],
+    envelope: Mapping[str, Any],
+    route_type: str | None,
+    clock: _RequestClock,
+    source: str,
 ) -> dict[str, Any]:
     event = {k: v for k, v in item.items() if k != "writeKey"}
     if route_type is not None:
@@ -205,19 +244,15 @@ def _normalize(
         if isinstance(traits, dict):
             event["traits"] = traits
     sent_at = event.get("sentAt", envelope.get("sentAt"))
-    received = iso_ms(received_ms)
-    event["receivedAt"] = received
+    event["receivedAt"] = clock.received
     stamped = event.get("timestamp")
     if stamped is None:
-        event["timestamp"] = received
+        event["timestamp"] = clock.received
     elif isinstance(stamped, str) and isinstance(sent_at, str):
-        try:
-            skew = parse_timestamp(sent_at) - parse_timestamp(stamped)
-        except (ValueError, OverflowError, OSError):
-            pass  # left as sent: the contract dead-letters an unreadable timestamp with its reason
-        else:
+        corrected = clock.corrected(stamped, sent_at)
+        if corrected is not None:  # else left as sent: the contract dead-letters it with its reason
             event["originalTimestamp"] = stamped
-            event["timestamp"] = iso_ms(received_ms - skew)
+            event["timestamp"] = corrected
     if isinstance(sent_at, str):
         event["sentAt"] = sent_at
     if not event.get("messageId"):

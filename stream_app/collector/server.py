@@ -144,8 +144,8 @@ class Collector:
         records: list[tuple[str, bytes | None, bytes, Headers | None]] = []
         rejected: list[str] = []
         failed_at = datetime.now(UTC).isoformat().encode()
-        for event in events:
-            value = orjson.dumps(event)
+        for normalized in events:
+            event, value = normalized.event, normalized.raw
             parsed = parse_event(value, self.contract, now_ms, now_ms)
             if isinstance(parsed, Invalid):
                 rejected.append(parsed.reason.value)

@@ -79,20 +79,20 @@ def test_batch_context_merges_and_the_write_key_never_travels() -> None:
     )
     events = events_from_request(None, body, NOW, "web", LIMITS)
     assert isinstance(events, list) and len(events) == 2
-    assert events[0]["context"] == {"locale": "en-US", "ip": "1.2.3.4", "source": "web"}
-    assert events[1]["context"]["locale"] == "de-DE"  # the item's own keys win
-    assert all("writeKey" not in e for e in events)
-    assert all(e["receivedAt"] == iso_ms(NOW) for e in events)
+    assert events[0].event["context"] == {"locale": "en-US", "ip": "1.2.3.4", "source": "web"}
+    assert events[1].event["context"]["locale"] == "de-DE"  # the item's own keys win
+    assert all("writeKey" not in e.event and b"writeKey" not in e.raw for e in events)
+    assert all(e.event["receivedAt"] == iso_ms(NOW) for e in events)
 
 
 def test_the_route_sets_the_type_and_a_missing_message_id_is_derived_stably() -> None:
     one = events_from_request("track", {"event": "A", "userId": "u1"}, NOW, "", LIMITS)
     again = events_from_request("track", {"event": "A", "userId": "u1"}, NOW + 5, "", LIMITS)
     assert isinstance(one, list) and isinstance(again, list)
-    assert one[0]["type"] == "track" and one[0]["messageId"].startswith("col-")
-    assert one[0]["messageId"] == again[0]["messageId"]  # an SDK retry is the same event
+    assert one[0].event["type"] == "track" and one[0].event["messageId"].startswith("col-")
+    assert one[0].event["messageId"] == again[0].event["messageId"]  # an SDK retry is the same event
     other = events_from_request("track", {"event": "B", "userId": "u1"}, NOW, "", LIMITS)
-    assert isinstance(other, list) and other[0]["messageId"] != one[0]["messageId"]
+    assert isinstance(other, list) and other[0].event["messageId"] != one[0].event["messageId"]
 
 
 def test_sent_at_corrects_the_client_clock() -> None:
@@ -106,18 +106,18 @@ def test_sent_at_corrects_the_client_clock() -> None:
     }
     events = events_from_request(None, batch(item, sentAt="2026-11-30T15:00:00Z"), NOW, "", LIMITS)
     assert isinstance(events, list)
-    assert events[0]["timestamp"] == iso_ms(NOW - 2000)
-    assert events[0]["originalTimestamp"] == "2026-11-30T14:59:58Z"
-    parsed = parse_event(orjson.dumps(events[0]), ContractRules(), NOW, NOW)
+    assert events[0].event["timestamp"] == iso_ms(NOW - 2000)
+    assert events[0].event["originalTimestamp"] == "2026-11-30T14:59:58Z"
+    parsed = parse_event(events[0].raw, ContractRules(), NOW, NOW)
     assert isinstance(parsed, Event) and parsed.ts_ms == NOW - 2000  # not corrected twice
     no_time = events_from_request("page", {"userId": "u1", "messageId": "m"}, NOW, "", LIMITS)
-    assert isinstance(no_time, list) and no_time[0]["timestamp"] == iso_ms(NOW)
+    assert isinstance(no_time, list) and no_time[0].event["timestamp"] == iso_ms(NOW)
 
 
 def test_rudderstack_identify_traits_in_context_become_traits() -> None:
     item = {"type": "identify", "userId": "u1", "messageId": "m", "context": {"traits": {"plan": "pro"}}}
     events = events_from_request(None, batch(item), NOW, "", LIMITS)
-    assert isinstance(events, list) and events[0]["traits"] == {"plan": "pro"}
+    assert isinstance(events, list) and events[0].event["traits"] == {"plan": "pro"}
 
 
 @pytest.mark.parametrize(
