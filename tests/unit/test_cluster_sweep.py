@@ -17,7 +17,7 @@ import orjson
 from stream_app.app import Runtime
 from stream_app.contract import parse_timestamp
 from stream_app.pipeline import Record
-from stream_app.segments.cluster_model import adjusted_rand_index
+from stream_app.segments.cluster_model import adjusted_rand_index, choose_cluster, features
 from stream_app.settings import Settings
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
@@ -107,7 +107,15 @@ async def test_a_model_that_moves_users_reaches_the_silent_ones(tmp_path: Path) 
     while await rt.sweep_clusters():
         pass
     after = await clusters(rt, ids)
-    swap = {a: b, b: a}
-    assert after == {u: swap.get(c, c) for u, c in before.items() if c is not None}
+    # what the sweep owes each user: the new model's choice, with the hysteresis margin
+    expected = {}
+    for uid, cid in before.items():
+        doc = await rt.store.get(uid)
+        assert doc is not None
+        distances = moved.distances(features(doc, rt.step_means))
+        expected[uid] = choose_cluster(cid, distances, rt.settings.cluster_margin)
+    assert after == expected
+    movers = {u for u in ids if u in before and expected[u] != before[u]}
+    assert len(movers) >= 20 and all(before[u] in (a, b) for u in movers)  # the swapped clusters' users
     exits = [m for m in segments.values if m["source"] == "cluster" and m["change"] == "exited"]
-    assert len(exits) == sum(1 for c in before.values() if c in swap)
+    assert sorted(m["user_id"] for m in exits) == sorted(movers)  # each mover exits once, no one else
