@@ -6,6 +6,10 @@
   wheel ships, on a free loopback port with persistence off.
 * :class:`EmbeddedRedisCluster` runs three such servers as a Redis Cluster (3 primaries,
   no replicas; needs redis-server 7.0+ for ``cluster-port``).
+* :class:`ApacheKafka` runs a real Apache Kafka broker (KRaft, one node, its log
+  directory on disk, so it survives a restart) from the jars ``deploy/kafka/pom.xml``
+  fetches from Maven Central; needs Java 17+. Optionally with SASL/SCRAM and TLS
+  listeners and ACLs (:class:`KafkaSecurity`).
 
 Never binds a default port (9092/6379/16379): the machine's own services may hold them.
 """
@@ -19,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stream_app.errors import EmbeddedServiceError
@@ -237,4 +242,270 @@ class EmbeddedRedisCluster:
         self.stop()
 
 
-__all__ = ["EmbeddedBroker", "EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]
+KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.4.0")
+KAFKA_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+
+_KAFKA_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+controller.listener.names=CONTROLLER
+log.dirs={data}
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+num.network.threads=2
+num.io.threads=4
+log.segment.bytes=16777216
+log.cleaner.dedupe.buffer.size=16777216
+"""
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """Extra listeners of a secured broker: SASL_PLAINTEXT and SASL_SSL with SCRAM-SHA-256 users,
+    ACLs enforced (StandardAuthorizer; ``admin`` is a super user). TLS material is generated
+    with openssl into the broker's directory (``ca_file`` is the CA to trust)."""
+
+    users: tuple[tuple[str, str], ...] = (("admin", "admin-secret"),)
+
+
+class ApacheKafka:
+    """A real Apache Kafka broker (KRaft, broker and controller in one process) on free ports.
+
+    ``bootstrap`` is its PLAINTEXT listener; with ``security``, ``sasl_bootstrap`` and
+    ``sasl_ssl_bootstrap`` are the secured ones. :meth:`stop` and :meth:`start` again keep the
+    log directory: a restart with the data kept.
+    """
+
+    name = "Apache Kafka"
+
+    def __init__(self, version: str = KAFKA_VERSION, security: KafkaSecurity | None = None) -> None:
+        self.version = version
+        self.security = security
+        self.lib = KAFKA_DIR / f"lib-{version}"
+        self.dir = Path(tempfile.mkdtemp(prefix="stream-app-kafka-"))
+        self.port, self.controller_port = free_port(), free_port()
+        self.sasl_port = self.sasl_ssl_port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._formatted = False
+
+    @classmethod
+    def available(cls, version: str = KAFKA_VERSION) -> str | None:
+        """None when the broker can be started here, else why not (for a test's skip reason)."""
+        if shutil.which("java") is None:
+            return "java is not installed (Apache Kafka needs Java 17+)"
+        if not any((KAFKA_DIR / f"lib-{version}").glob("kafka_2.13-*.jar")):
+            return (
+                f"Apache Kafka {version} jars are not fetched: "
+                f"mvn -q -f {KAFKA_DIR / 'pom.xml'} dependency:copy-dependencies -Dkafka.version={version}"
+            )
+        return None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "tls" / "ca.pem"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc else 0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _java(self, heap: str) -> list[str]:
+        return [
+            "java",
+            "-Xms64m",
+            heap,
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
+            "-cp",
+            str(self.lib / "*"),
+        ]
+
+    def _properties(self) -> str:
+        props = _KAFKA_PROPERTIES.format(controller_port=self.controller_port, data=self.dir / "data")
+        if self.version.startswith("4."):
+            props += (
+                "share.coordinator.state.topic.replication.factor=1\n"
+                "share.coordinator.state.topic.min.isr=1\n"
+            )
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        if self.security is None:
+            props += "inter.broker.listener.name=PLAINTEXT\n"
+        else:
+            self.sasl_port = self.sasl_port or free_port()
+            self.sasl_ssl_port = self.sasl_ssl_port or free_port()
+            listeners += [
+                f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
+                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port}",
+            ]
+            protocols += ["SASL_PLAINTEXT:SASL_PLAINTEXT", "SASL_SSL:SASL_SSL"]
+            admin, secret = self.security.users[0]
+            jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+            tls = self.dir / "tls"
+            props += (
+                "inter.broker.listener.name=SASL_PLAINTEXT\n"
+                "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256\n"
+                "sasl.enabled.mechanisms=SCRAM-SHA-256\n"
+                f'listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={jaas} username="{admin}" '
+                f'password="{secret}";\n'
+                f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={jaas};\n"
+                f"ssl.keystore.type=PEM\nssl.keystore.location={tls / 'server-keystore.pem'}\n"
+                f"ssl.truststore.type=PEM\nssl.truststore.location={tls / 'ca.pem'}\n"
+                "ssl.client.auth=none\n"
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n"
+                # the PLAINTEXT listeners (controller, tests' admin) authenticate as ANONYMOUS
+                f"super.users=User:{admin};User:ANONYMOUS\n"
+                "allow.everyone.if.no.acl.found=false\n"
+            )
+        advertised = ",".join(listeners)
+        props += f"listeners={advertised},CONTROLLER://127.0.0.1:{self.controller_port}\n"
+        props += f"advertised.listeners={advertised}\n"
+        props += f"listener.security.protocol.map={','.join(protocols)}\n"
+        return props
+
+    def _format(self) -> None:
+        if self.security is not None:
+            _make_tls(self.dir / "tls")
+        config = self.dir / "server.properties"
+        config.write_text(self._properties())
+        import base64
+        import uuid
+
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        argv = [
+            *self._java("-Xmx128m"),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(config),
+        ]
+        for user, password in self.security.users if self.security else ():
+            argv += ["--add-scram", f"SCRAM-SHA-256=[name={user},password={password}]"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise EmbeddedServiceError(
+                f"formatting Kafka's log directory failed: {done.stdout}{done.stderr}"[:2000]
+            )
+        self._formatted = True
+
+    def start(self, timeout: float = 90.0) -> ApacheKafka:
+        reason = self.available(self.version)
+        if reason:
+            raise EmbeddedServiceError(reason)
+        if not self._formatted:
+            self._format()
+        log = (self.dir / "broker.log").open("ab")
+        self._proc = subprocess.Popen(
+            [*self._java("-Xmx320m"), "kafka.Kafka", str(self.dir / "server.properties")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until the broker answers metadata requests (a just-started broker logs
+        'coordinator load in progress' for a moment more: clients retry that)."""
+        from confluent_kafka.admin import AdminClient
+
+        _wait_for_port(self.port, self._proc, self.name, timeout)  # type: ignore[arg-type]
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise EmbeddedServiceError(
+                    f"{self.name} exited during start-up; see {self.dir / 'broker.log'}"
+                )
+            with contextlib.suppress(Exception):
+                if admin.list_topics(timeout=2).brokers:
+                    return
+            time.sleep(0.2)
+        raise EmbeddedServiceError(f"{self.name} did not answer metadata within {timeout:.0f} s")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM (a clean shutdown keeps the logs consistent), SIGKILL after ``grace`` seconds."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ApacheKafka:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _make_tls(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1/localhost, as PEM files (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "3650", "-subj", "/CN=onboarding-engine-test-CA")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")  # fmt: skip
+    (directory / "san.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+    )
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "3650", "-extfile", "san.ext")  # fmt: skip
+    run("pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server.pkcs8.key")
+    keystore = (directory / "server.pkcs8.key").read_text() + (directory / "server.crt").read_text()
+    (directory / "server-keystore.pem").write_text(keystore)
+
+
+__all__ = [
+    "ApacheKafka",
+    "EmbeddedBroker",
+    "EmbeddedRedis",
+    "EmbeddedRedisCluster",
+    "KafkaSecurity",
+    "free_port",
+]

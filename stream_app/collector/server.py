@@ -122,7 +122,7 @@ class Collector:
                 self.metrics.in_flight.dec()
 
     async def _accept(self, request: web.Request, route: str) -> web.StreamResponse:
-        raw = await request.content.read(self.limits.max_request_bytes + 1)
+        raw = await _read_limited(request, self.limits.max_request_bytes + 1)
         body = read_body(raw, request.headers.get("Content-Encoding"), self.limits)
         if isinstance(body, ApiError):
             return _error(body)
@@ -199,6 +199,17 @@ class Collector:
 
         app.on_cleanup.append(flush)
         return app
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, but never more than ``limit`` bytes (it arrives in chunks: read until done)."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await request.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _error(error: ApiError) -> web.Response:

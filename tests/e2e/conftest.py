@@ -19,7 +19,7 @@ from confluent_kafka import Producer
 from stream_app.contract import parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
 from stream_app.settings import Settings
-from stream_app.topics import apply_topics
+from stream_app.topics import apply_topics, kafka_client_config
 
 PII_SALT = "e2e-salt"
 
@@ -137,13 +137,14 @@ class Deployment:
         assert self.producer.flush(30) == 0
 
 
-@pytest.fixture
-def deployment(services: Any, tmp_path: Path) -> Iterator[Deployment]:
+def make_deployment(kafka_bootstrap: str, redis_url: str, **extra: str) -> Deployment:
+    """Fresh topic names, consumer group and key prefix on these services; topics applied
+    with ``extra`` settings (e.g. the security ones) in force."""
     tag = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_", "WEB_"))}
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap,
-        REDIS_URL=services.redis_url,
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+        REDIS_URL=redis_url,
         REDIS_KEY_PREFIX=f"e2e{tag}",
         APP_ID=f"e2e-{tag}",
         TOPIC_EVENTS=f"events-{tag}",
@@ -154,11 +155,17 @@ def deployment(services: Any, tmp_path: Path) -> Iterator[Deployment]:
         PII_HASH_SALT=PII_SALT,
         LOG_LEVEL="INFO",
         BATCH_MAX_EVENTS="500",
+        **extra,
     )
     settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-    apply_topics(settings, services.kafka_bootstrap)
-    producer = Producer({"bootstrap.servers": services.kafka_bootstrap, "linger.ms": 5})
-    yield Deployment(settings, env, producer)
+    apply_topics(settings, kafka_bootstrap)
+    producer = Producer(kafka_client_config(settings, kafka_bootstrap) | {"linger.ms": 5})
+    return Deployment(settings, env, producer)
+
+
+@pytest.fixture
+def deployment(services: Any) -> Deployment:
+    return make_deployment(services.kafka_bootstrap, services.redis_url)
 
 
 @pytest.fixture
