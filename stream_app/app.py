@@ -33,6 +33,7 @@ from stream_app.errors import ConfigError
 from stream_app.metrics import Metrics
 from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
+from stream_app.privacy import apply_policy
 from stream_app.profile import Profile, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
 from stream_app.segments.cluster_model import (
@@ -517,6 +518,7 @@ class Runtime:
                 m.events_invalid.labels(reason).inc(count)
         m.events_duplicate.inc(outcome.duplicates)
         m.events_clock_ahead.inc(sum(1 for _rec, ev in outcome.events if ev.ahead_ms > 0))
+        m.traits_dropped.inc(sum(ev.dropped_traits for _rec, ev in outcome.events))
         m.events_applied.inc(outcome.applied)
         m.last_batch_unixtime.set(time.time())
 
@@ -530,6 +532,7 @@ class Runtime:
         if doc is None or is_tombstone(doc):
             return None
         now_ms = int(time.time() * 1000)
+        doc = self._within_policy(doc)
         view = render_profile(doc, now_ms, self.profile_rules)
         # Rule memberships as of now: computed at read time, so time-relative rules are current.
         engine = view.pop("engine", None) or {}
@@ -549,6 +552,22 @@ class Runtime:
             for f in engine.get("fired", [])
         ]
         return view
+
+    def _within_policy(self, doc: Profile) -> Profile:
+        """The stored traits as the current policy allows them (a document written before a
+        stricter policy, or by hand, never serves what the policy forbids)."""
+        rules = self.processor.contract
+        doc = dict(doc)
+        doc["traits"], _ = apply_policy(doc.get("traits") or {}, rules.traits_policy, rules.pii_salt)
+        doc["groups"] = {
+            gid: {
+                **group,
+                "traits": apply_policy(group.get("traits") or {}, rules.traits_policy, rules.pii_salt)[0],
+            }
+            for gid, group in (doc.get("groups") or {}).items()
+            if isinstance(group, dict)
+        }
+        return doc
 
     async def close(self) -> None:
         await self.store.close()

@@ -9,6 +9,7 @@ from stream_app.contract import ContractRules, blocked_id_set
 from stream_app.errors import ConfigError
 from stream_app.identity import IdentityRules
 from stream_app.paths import CONFIG_DIR
+from stream_app.privacy import PolicyError, TraitsPolicy, load_policy, shipped_policy
 from stream_app.profile import ProfileRules
 from stream_app.settings import Settings
 from stream_app.triggers.config import TriggerConfig, TriggerConfigError, load_triggers
@@ -16,8 +17,18 @@ from stream_app.triggers.config import TriggerConfig, TriggerConfigError, load_t
 DAY_MS = 86_400_000
 
 
+def traits_policy(settings: Settings) -> TraitsPolicy:
+    if settings.traits_policy_file is None:
+        return shipped_policy()
+    try:
+        return load_policy(settings.traits_policy_file)
+    except PolicyError as exc:
+        raise ConfigError("TRAITS_POLICY_FILE", str(exc)) from exc
+
+
 def contract_rules(settings: Settings) -> ContractRules:
     return ContractRules(
+        traits_policy=traits_policy(settings),
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
         pii_salt=settings.pii_hash_salt.get_secret_value().encode(),

@@ -15,14 +15,12 @@ Identity: ids that SDK bugs send (``"undefined"``, ``"null"``, ``"0"``...) are l
 ``ContractRules.blocked_ids``; such a ``userId``/``anonymousId`` is treated as absent, so
 it can never become a profile that collects strangers' events.
 
-Raw PII never leaves this module: ``context.ip`` is dropped, email/phone traits are
-replaced by salted hashes.
+Raw PII never leaves this module: ``context.ip`` is dropped, traits pass the traits
+policy (:mod:`stream_app.privacy`: kept, hashed or dropped by name, at any depth).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -30,6 +28,8 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+
+from stream_app.privacy import TraitsPolicy, apply_policy, shipped_policy
 
 EVENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_ID_LENGTH = 256
@@ -50,11 +50,6 @@ REQUIRED_PROPERTIES: dict[str, tuple[str, ...]] = {
     FEATURE_USED: ("feature",),
     HELP_VIEWED: ("step",),
 }
-
-#: Traits stored only as a salted hash (``<name>_sha256``); never in plain text.
-HASHED_TRAITS = frozenset({"email", "phone"})
-#: Traits never stored at all.
-DROPPED_TRAITS = frozenset({"ip", "password"})
 
 
 class Reason(StrEnum):
@@ -112,6 +107,7 @@ class Event:
     #: how far the client's (corrected) time was ahead of ``received_ms`` before it was capped
     ahead_ms: int = 0
     group_id: str | None = None  # group: the account/company id
+    dropped_traits: int = 0  # traits the policy did not let in (counted by the worker)
 
     @property
     def profile_id(self) -> str:
@@ -128,6 +124,8 @@ class ContractRules:
     pii_salt: bytes = b"dev-only-salt-change-me"
     #: ids treated as absent, compared after trimming and lower-casing (:func:`blocked_id_set`)
     blocked_ids: frozenset[str] = field(default_factory=lambda: DEFAULT_BLOCKED_IDS)
+    #: which traits are kept, hashed or dropped (:mod:`stream_app.privacy`; default: config/traits.toml)
+    traits_policy: TraitsPolicy = field(default_factory=shipped_policy)
 
 
 #: Values SDKs and bugs send where an id belongs (Segment and RudderStack block such lists).
@@ -207,26 +205,6 @@ def parse_timestamp(value: str) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return (dt - _EPOCH) // _ONE_MS  # exact integer arithmetic, no float rounding
-
-
-def hash_pii(value: str, salt: bytes) -> str:
-    """Salted SHA-256 (HMAC) of a normalized PII value: the only form in which it is kept."""
-    return hmac.new(salt, value.strip().lower().encode(), hashlib.sha256).hexdigest()
-
-
-def _sanitize_traits(traits: dict[str, Any], salt: bytes) -> dict[str, Any]:
-    clean: dict[str, Any] = {}
-    for key, value in traits.items():
-        if key in DROPPED_TRAITS:
-            continue
-        if key in HASHED_TRAITS:
-            if isinstance(value, str) and value.strip():
-                clean[f"{key}_sha256"] = hash_pii(value, salt)
-            continue
-        if isinstance(value, dict) and "email" in value:
-            value = {k: v for k, v in value.items() if k not in HASHED_TRAITS | DROPPED_TRAITS}
-        clean[key] = value
-    return clean
 
 
 _MOBILE_OS = ("iOS", "Android")
@@ -474,6 +452,11 @@ def _parse_object(
                 return _wrong("context.consent.categoryPreferences.personalization", "a boolean")
             consent = prefs["personalization"]
 
+    traits: dict[str, Any] | None = None
+    dropped_traits = 0
+    if etype in ("identify", "group"):
+        traits, dropped_traits = apply_policy(traits_doc, rules.traits_policy, rules.pii_salt)
+
     location = context.get("location") or {}
     country = location.get("country")
     city = location.get("city")
@@ -486,7 +469,7 @@ def _parse_object(
         ts_ms=ts_ms,
         name=name,
         properties=properties,
-        traits=_sanitize_traits(traits_doc, rules.pii_salt) if etype in ("identify", "group") else None,
+        traits=traits,
         previous_id=previous_id,
         consent_personalization=consent,
         device=_normalize_device(context),
@@ -496,6 +479,7 @@ def _parse_object(
         received_ms=broker_ts_ms,
         ahead_ms=ahead_ms,
         group_id=group_id,
+        dropped_traits=dropped_traits,
     )
 
 

@@ -64,6 +64,11 @@ class Metrics:
             "clock); their time was capped at the record time.",
             registry=r,
         )
+        self.traits_dropped = Counter(
+            "onboarding_traits_dropped_total",
+            "Traits not stored because the traits policy drops them (or they exceed its bounds).",
+            registry=r,
+        )
         self.events_applied = Counter(
             "onboarding_events_applied_total", "Events applied to a profile.", registry=r
         )

@@ -334,19 +334,26 @@ def merge_profiles(target: Profile, source: Profile, source_id: str) -> None:
 
 
 def render_profile(doc: Profile, now_ms: int, rules: ProfileRules) -> Profile:
-    """The reader's view: ``*_ms`` times also as ISO-8601, lifecycle recomputed for ``now``."""
+    """The reader's view: ``*_ms`` times also as ISO-8601, lifecycle recomputed for ``now``.
+
+    Never fails on stored data: traits are the client's and are passed through unconverted,
+    and a time that cannot be rendered is shown as null.
+    """
 
     def convert(value: Any) -> Any:
         if isinstance(value, dict):
             out: dict[str, Any] = {}
             for key, item in value.items():
+                if key == "traits":
+                    out[key] = item  # the client's names: a trait called "x_ms" is not our time
+                    continue
                 out[key] = convert(item)
-                if key.endswith("_ms") and isinstance(key, str):
+                if isinstance(key, str) and key.endswith("_ms"):
                     iso_key = key[:-3] if key != "recent_ms" else "recent"
                     if isinstance(item, int):
-                        out[iso_key if iso_key not in value else f"{iso_key}_at"] = iso_ms(item)
+                        out[iso_key if iso_key not in value else f"{iso_key}_at"] = _iso_or_none(item)
                     elif isinstance(item, list):
-                        out[iso_key] = [iso_ms(v) for v in item]
+                        out[iso_key] = [_iso_or_none(v) for v in item]
                     elif item is None:
                         out[iso_key] = None
             return out
@@ -357,3 +364,10 @@ def render_profile(doc: Profile, now_ms: int, rules: ProfileRules) -> Profile:
     view = convert(doc)
     view["lifecycle"] = lifecycle_stage(doc, now_ms, rules)
     return view
+
+
+def _iso_or_none(value: Any) -> str | None:
+    try:
+        return iso_ms(int(value))
+    except (OverflowError, ValueError, TypeError):
+        return None

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 
+    traits_policy_file: Path | None = Field(
+        None, description="Traits policy TOML: keep / hash / drop by name (default: config/traits.toml)."
+    )
+
     # --- Identity ---------------------------------------------------------------------------------
     identity_blocked_ids: str | None = Field(
         None,

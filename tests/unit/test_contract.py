@@ -20,12 +20,12 @@ from stream_app.contract import (
     blocked_id_pattern,
     blocked_id_set,
     device_from_user_agent,
-    hash_pii,
     iso_ms,
     parse_event,
     parse_timestamp,
 )
 from stream_app.paths import SCHEMAS_DIR
+from stream_app.privacy import hash_pii
 
 RULES = ContractRules(max_event_bytes=64 * 1024, max_future_skew_ms=86_400_000, pii_salt=b"test-salt")
 NOW_MS = 1_795_000_000_000  # 2026-11-18
