@@ -64,6 +64,10 @@ class _Process:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc else 0
+
     def stop(self) -> None:
         if self._proc is None:
             return

@@ -28,7 +28,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from jsonschema import Draft202012Validator
 
-from stream_app.embedded import EmbeddedBroker, free_port
+from stream_app.embedded import ApacheKafka, EmbeddedBroker, free_port
 from stream_app.paths import SCHEMAS_DIR
 from stream_app.topics import apply_topics
 
@@ -320,11 +320,13 @@ def test_a_page_from_a_disallowed_origin_gets_nothing_in(
 
 
 def test_a_paused_broker_gets_503s_and_after_the_retries_every_event_counts_once(
-    deployment: Deployment, worker_factory: Any, collector_factory: Any
+    services: Any, deployment: Deployment, worker_factory: Any, collector_factory: Any
 ) -> None:
     from segment.analytics import Client as SegmentClient
 
-    with EmbeddedBroker() as broker:  # a broker of its own: this test freezes it
+    # a broker of its own, of the backend's kind: this test freezes it
+    own = ApacheKafka() if services.backend == "kafka" else EmbeddedBroker()
+    with own as broker:
         deployment.env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
         deployment.settings = deployment.settings.model_copy(
             update={"kafka_bootstrap_servers": broker.bootstrap}
@@ -343,8 +345,8 @@ def test_a_paused_broker_gets_503s_and_after_the_retries_every_event_counts_once
         users = {f"pause-{i}": f"anon-pause-{i}" for i in range(120)}
         refused = 'onboarding_collector_requests_total{route="batch",status="503"}'
         sent = 0
-        assert broker._proc is not None
-        pid = broker._proc.pid
+        pid = broker.pid
+        assert pid
         try:
             for i, (uid, anon) in enumerate(users.items()):
                 sent += journey(client, uid, anon)
