@@ -108,7 +108,7 @@ class Runtime:
         self.snapshot: Snapshot | None = None
         self.snapshot_checked_at = 0.0
         self.sizes_read_at = 0.0
-        self.step_means: dict[str, float] = {}
+        self.step_means: dict[tuple[str, str], float] = {}  # (flow, step) -> mean s, all users
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rng = random.Random()
         try:
@@ -269,7 +269,7 @@ class Runtime:
             return
         stats = await self.step_stats.all()
         self.baselines = {(s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in stats}
-        self.step_means = {f"{s.flow}|{s.step}": s.mean_s for s in stats if not s.group}
+        self.step_means = {(s.flow, s.step): s.mean_s for s in stats if not s.group}
         self.baselines_read_at = time.monotonic()
         await self.refresh_model()
 

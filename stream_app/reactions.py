@@ -81,7 +81,7 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
     )
     deadlines = [d for d in (decisions.deadline_ms,) if d is not None]
     if not refused:
-        flip = ctx.segments.next_change_ms(doc, now_ms)
+        flip = ctx.segments.next_change_ms(doc, now_ms, ctx.rules)
         if flip is not None:
             deadlines.append(flip)
     changed = bool(messages) or decisions.changed

@@ -57,7 +57,7 @@ NAME_PROFILES: dict[str, dict[str, float]] = {
 }
 
 
-def features(doc: Profile, step_means: Mapping[str, float] | None = None) -> list[float]:
+def features(doc: Profile, step_means: Mapping[tuple[str, str], float] | None = None) -> list[float]:
     """The feature vector of a profile; finite for any document, including an empty one."""
     means = step_means or {}
     flows: dict[str, Any] = doc.get("onboarding") or {}
@@ -68,7 +68,7 @@ def features(doc: Profile, step_means: Mapping[str, float] | None = None) -> lis
         for step, info in (state.get("completed_steps") or {}).items():
             completed += 1
             duration = info.get("duration_s")
-            mean = means.get(f"{flow}|{step}")
+            mean = means.get((flow, step))
             if duration is not None and mean:
                 ratios.append(math.log2(max(duration, 0.1) / max(mean, 0.1)))
     first, last = doc.get("first_seen_ms"), doc.get("last_seen_ms")

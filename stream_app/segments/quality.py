@@ -57,7 +57,7 @@ class Population:
     user_ids: list[str]
     archetypes: list[str]
     docs: list[Profile]
-    step_means: dict[str, float]
+    step_means: dict[tuple[str, str], float]
 
     def vectors(self) -> list[list[float]]:
         return [features(d, self.step_means) for d in self.docs]
@@ -76,11 +76,11 @@ async def build(users: int, seed: int) -> Population:
     """:func:`simulate` for callers already inside an event loop."""
     sim = generate_users(users, seed)
     store = InMemoryProfileStore()
-    durations: dict[str, list[float]] = {}
+    durations: dict[tuple[str, str], list[float]] = {}
 
     async def stats(batch: list[StepDuration]) -> None:
         for d in batch:
-            durations.setdefault(f"{d.flow}|{d.step}", []).append(d.duration_s)
+            durations.setdefault((d.flow, d.step), []).append(d.duration_s)
 
     records, times = _records(sim, seed)
     end_s = (times[-1] if times else T0) / 1000
@@ -152,7 +152,7 @@ class Delivered:
     users: list[DeliveredUser]
     docs: list[Profile]  # final documents, same order as ``users``
     snapshots: list[Snapshot]  # every published snapshot, oldest first
-    step_means: dict[str, float]  # at the end of the stream
+    step_means: dict[tuple[str, str], float]  # at the end of the stream
     batches: int
     records: int
     #: every vector put into the sample set: (archetype of the sampled profile, batch index, features)
@@ -217,7 +217,7 @@ async def build_delivered(
     rng = random.Random(seed)
     durations: dict[tuple[str, str, str], list[float]] = {}
     baselines: dict[tuple[str, str, str], StepBaseline] = {}
-    step_means: dict[str, float] = {}
+    step_means: dict[tuple[str, str], float] = {}
     snapshots: list[Snapshot] = []
     sample_set: dict[str, list[float]] = {}  # user -> latest vector (Runtime: ClusterModelStore)
     samples: list[tuple[str, int, list[float]]] = []
@@ -232,7 +232,7 @@ async def build_delivered(
         baselines.clear()
         baselines.update({key: StepBaseline(sum(v) / len(v), len(v)) for key, v in durations.items()})
         step_means.clear()
-        step_means.update({f"{f}|{s}": b.mean_s for (f, s, g), b in baselines.items() if not g})
+        step_means.update({(f, s): b.mean_s for (f, s, g), b in baselines.items() if not g})
 
     def assign_cluster(
         doc: Profile, now_ms: int, current: Mapping[str, Any] | None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_app.errors import StreamAppError
+from stream_app.profile import ProfileRules
 from stream_app.segments.facts import DAY_MS, FACTS
 
 DEFAULT_MAX_SEGMENTS = 20
@@ -560,8 +561,14 @@ class SegmentSet:
     def _compiled(self) -> list[tuple[SegmentDefinition, Compiled]]:
         return [(d, compile_rule(d.rule)) for d in self.order]
 
-    def next_change_ms(self, doc: Mapping[str, Any], now_ms: int) -> int | None:
-        """The next instant after ``now_ms`` at which a time-relative condition can flip with no event."""
+    def next_change_ms(
+        self, doc: Mapping[str, Any], now_ms: int, rules: ProfileRules | None = None
+    ) -> int | None:
+        """The next instant after ``now_ms`` at which a time-relative condition can flip with no event.
+
+        ``rules`` are the profile rules the facts are computed with: the lifecycle stage flips
+        at their dormant/churned thresholds (``LIFECYCLE_*_DAYS``), not at fixed ones.
+        """
         first, last = doc.get("first_seen_ms"), doc.get("last_seen_ms")
         first_offsets, last_offsets, sessions = self._anchors
         candidates: list[int] = []
@@ -569,6 +576,11 @@ class SegmentSet:
             candidates.extend(first + off for off in first_offsets)
         if last is not None:
             candidates.extend(last + off for off in last_offsets)
+            if sessions:  # lifecycle (and the week of sessions) moves with idleness
+                lifecycle = rules or ProfileRules()
+                candidates.extend(
+                    last + t + 1 for t in (lifecycle.dormant_after_ms, lifecycle.churned_after_ms)
+                )
         if sessions:
             candidates.extend(t + 7 * DAY_MS + 1 for t in doc.get("sessions", {}).get("recent_ms", []))
         future = [c for c in candidates if c > now_ms]
@@ -600,8 +612,7 @@ class SegmentSet:
                     if "days_since_last_seen" in names:
                         last.update(int(b * DAY_MS) + 1 for b in bounds)
                     if "sessions_per_week" in names or "lifecycle" in names:
-                        sessions = True
-                        last.update(days * DAY_MS + 1 for days in (30, 90))
+                        sessions = True  # the lifecycle thresholds come with the profile rules
         return tuple(sorted(first)), tuple(sorted(last)), sessions
 
 

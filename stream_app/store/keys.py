@@ -22,8 +22,36 @@ def hash_tag(ident: str) -> str:
     return ident
 
 
+def step_name(flow: str, step: str, group: str = "") -> str:
+    """``flow|step`` (``|group``), with ``|`` and ``\\`` in the names escaped, so that
+    ("a|b", "c") and ("a", "b|c") are two steps (names without them are unchanged)."""
+    return "|".join(_escape(part) for part in ((flow, step, group) if group else (flow, step)))
+
+
+def parse_step_name(name: str) -> tuple[str, str, str]:
+    """(flow, step, group) of :func:`step_name` (group "" for all users)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(name)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    flow, step, group = [*parts, "", "", ""][:3]
+    return flow, step, group
+
+
+def _escape(part: str) -> str:
+    return part.replace("\\", "\\\\").replace("|", "\\|")
+
+
 def _step_tag(flow: str, step: str, group: str) -> str:
-    return hash_tag(f"{flow}|{step}" + (f"|{group}" if group else ""))
+    return hash_tag(step_name(flow, step, group))
 
 
 class Keys:

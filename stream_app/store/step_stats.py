@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stream_app.profile import StepDuration
-from stream_app.store.keys import Keys
+from stream_app.store.keys import Keys, parse_step_name, step_name
 from stream_app.store.scripts import AnyRedis, Call, Eval, Scripts
 
 
@@ -34,7 +34,7 @@ class StepStats:
         return math.sqrt(self.variance_s2)
 
 
-GROUP_SEP = "\x1f"  # between "flow|step" and the group in the index
+GROUP_SEP = "\x1f"  # index entries written before step_name: "flow|step" US group
 
 
 class StepStatsStore(abc.ABC):
@@ -126,8 +126,7 @@ class RedisStepStatsStore(StepStatsStore):
         for (flow, step, group), pairs in by_step.items():
             keys = [self.keys.step_stats(flow, step, group), self.keys.step_stats_applied(flow, step, group)]
             calls.append(Eval("add", keys, [now_ms, self.window_ms, *pairs]))
-            name = f"{flow}|{step}" + (f"{GROUP_SEP}{group}" if group else "")
-            calls.append(("SADD", self.keys.step_stats_index(), name))
+            calls.append(("SADD", self.keys.step_stats_index(), step_name(flow, step, group)))
         replies = await self.scripts.pipeline(calls)
         return sum(int(r) for r in replies[::2])
 
@@ -142,8 +141,11 @@ class RedisStepStatsStore(StepStatsStore):
         names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
         out = []
         for name in names:
-            name, _, group = name.partition(GROUP_SEP)
-            flow, _, step = name.partition("|")
+            if GROUP_SEP in name:  # written before names were escaped: flow|step<US>group
+                head, _, group = name.partition(GROUP_SEP)
+                flow, _, step = head.partition("|")
+            else:
+                flow, step, group = parse_step_name(name)
             stats = await self.get(flow, step, group)
             if stats is not None:
                 out.append(stats)

@@ -55,3 +55,14 @@ async def test_welford_matches_statistics_module(values: list[float]) -> None:
     assert stats is not None
     assert stats.mean_s == pytest.approx(statistics.mean(values), rel=1e-9, abs=1e-9)
     assert stats.variance_s2 == pytest.approx(statistics.variance(values), rel=1e-6, abs=1e-6)
+
+
+async def test_names_with_separators_are_different_steps(store: StepStatsStore) -> None:
+    """("a|b", "c") and ("a", "b|c") were one key and one index row: statistics were mixed."""
+    await store.add([StepDuration("a|b", "c", 10.0, "m1"), StepDuration("a", "b|c", 30.0, "m2")])
+    await store.add([StepDuration("a", "b|c", 50.0, "m3", "cluster:c|1")])
+    first, second = await store.get("a|b", "c"), await store.get("a", "b|c")
+    assert first is not None and first.count == 1 and first.mean_s == 10.0
+    assert second is not None and second.count == 1 and second.mean_s == 30.0
+    rows = {(s.flow, s.step, s.group): s.mean_s for s in await store.all()}
+    assert rows == {("a|b", "c", ""): 10.0, ("a", "b|c", ""): 30.0, ("a", "b|c", "cluster:c|1"): 50.0}

@@ -260,3 +260,22 @@ def test_no_membership_changes_before_the_next_change_instant(
     probe = NOW + int((horizon - NOW) * step)
     if probe < horizon:
         assert segments.evaluate(profile_facts(p, probe)) == now_members, (probe - NOW) / HOUR_MS
+
+
+def test_lifecycle_rules_flip_at_the_configured_thresholds_not_fixed_ones() -> None:
+    """LIFECYCLE_DORMANT_AFTER_DAYS=10: a `lifecycle == "dormant"` rule flips 10 days after the
+    last event, and the timer must look then (the anchors were hard-coded to 30 and 90 days)."""
+    from stream_app.profile import ProfileRules
+    from stream_app.segments.rules import SegmentDefinition, SegmentSet, parse_rule
+
+    rules = ProfileRules(dormant_after_ms=10 * DAY_MS, churned_after_ms=20 * DAY_MS)
+    rule = 'lifecycle == "dormant"'
+    segments = SegmentSet([SegmentDefinition("sleepy", "", rule, parse_rule("sleepy", rule), ())])
+    last = NOW - DAY_MS
+    p = doc(first_seen_ms=last - DAY_MS, last_seen_ms=last, sessions={"count": 1, "recent_ms": [last]})
+    flip = segments.next_change_ms(p, NOW, rules)
+    assert flip == last + 7 * DAY_MS + 1  # the week of sessions first, then:
+    later = last + 8 * DAY_MS
+    assert segments.next_change_ms(p, later, rules) == last + 10 * DAY_MS + 1
+    assert "sleepy" not in segments.evaluate(profile_facts(p, last + 10 * DAY_MS, rules))
+    assert "sleepy" in segments.evaluate(profile_facts(p, last + 10 * DAY_MS + 1, rules))
