@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 from throughput import start_worker
 
+from evaluation.metrics import adjusted_rand_index
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
-from stream_app.segments.cluster_model import adjusted_rand_index
 from stream_app.settings import Settings
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 from stream_app.topics import apply_topics

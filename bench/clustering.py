@@ -26,20 +26,8 @@ from rich.console import Console
 from rich.table import Table
 from river import cluster
 
-from stream_app.paths import CONFIG_DIR
-from stream_app.profile import ProfileRules
-from stream_app.reactions import ReactionContext, react
-from stream_app.segments.cluster_model import (
-    FEATURE_NAMES,
-    Snapshot,
-    Trainer,
-    adjusted_rand_index,
-    choose_cluster,
-    features,
-    purity,
-    train_model,
-)
-from stream_app.segments.quality import (
+from evaluation.metrics import adjusted_rand_index, purity
+from evaluation.quality import (
     ARCHETYPE_CLUSTER_NAME,
     T0,
     Delivered,
@@ -49,6 +37,11 @@ from stream_app.segments.quality import (
     replay,
     simulate,
 )
+from stream_app.paths import CONFIG_DIR
+from stream_app.profile import ProfileRules
+from stream_app.reactions import ReactionContext, react
+from stream_app.segments.assign import FEATURE_NAMES, Snapshot, choose_cluster, features
+from stream_app.segments.cluster_model import Trainer, train_model
 from stream_app.segments.rules import load_segments
 from stream_app.triggers.config import load_triggers
 
@@ -237,7 +230,7 @@ on a random draw of that set every `CLUSTER_TRAIN_INTERVAL_SECONDS` (`train_mode
 k-means++ seeding on the first 1000, river KMeans on the rest, ids matched to the previous
 snapshot) and publishes it; every profile write assigns the user with the latest snapshot and
 hysteresis against the stored cluster.
-`stream_app.segments.quality.replay` replays the held-out stream (seed {HELD_OUT_SEED}, {d.records} records)
+`evaluation.quality.replay` replays the held-out stream (seed {HELD_OUT_SEED}, {d.records} records)
 that way, in memory and deterministically: the pipeline with reactions wired, batches of {BATCH}
 records, up to 100 random profiles a batch wrote sampled (consent refused dropped), a training pass
 every {TRAIN_EVERY} batches ({TRAIN_EVERY} x {BATCH} events ≈ 12 s at the demo's 500 events/s, standing in

@@ -36,13 +36,8 @@ from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.privacy import apply_policy
 from stream_app.profile import Profile, StepDuration, is_tombstone, render_profile
 from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
-from stream_app.segments.cluster_model import (
-    Snapshot,
-    assignment_change,
-    choose_cluster,
-    features,
-    train_model,
-)
+from stream_app.segments.assign import Snapshot, assignment_change, choose_cluster, features
+from stream_app.segments.cluster_model import train_model
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import RuleError, load_segments
 from stream_app.settings import DEV_PII_SALT, Settings

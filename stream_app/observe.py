@@ -8,6 +8,8 @@ from __future__ import annotations
 import urllib.request
 from collections import defaultdict
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]]:
     """``{metric name: [(labels, value), ...]}`` from a Prometheus text endpoint."""
@@ -16,22 +18,11 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str
 
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by name, parsed by prometheus_client's own parser (escaped label values too)."""
     out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, labels = head, {}
-        if "{" in head:
-            name, _, rest = head.partition("{")
-            for part in rest.rstrip("}").split('",'):
-                if "=" in part:
-                    key, _, val = part.partition("=")
-                    labels[key.strip()] = val.strip().strip('"')
-        try:
-            out[name].append((labels, float(value)))
-        except ValueError:
-            continue
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name].append((dict(sample.labels), float(sample.value)))
     return out
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import orjson
 
-from stream_app.segments.cluster_model import Snapshot
+from stream_app.segments.assign import Snapshot
 from stream_app.store.keys import Keys
 from stream_app.store.scripts import AnyRedis, Scripts
 

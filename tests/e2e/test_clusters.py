@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from stream_app.segments.cluster_model import adjusted_rand_index
+from evaluation.metrics import adjusted_rand_index
 from stream_app.synthetic import generate_users, interleaved_stream, user_events
 
 from .conftest import Deployment, wait_until

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
+from evaluation.quality import build
 from stream_app.app import Runtime
 from stream_app.contract import iso_ms
 from stream_app.pipeline import Record
-from stream_app.segments.cluster_model import features
-from stream_app.segments.quality import build
+from stream_app.segments.assign import features
 from stream_app.settings import Settings
 
 

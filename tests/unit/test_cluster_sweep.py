@@ -14,10 +14,11 @@ from pathlib import Path
 
 import orjson
 
+from evaluation.metrics import adjusted_rand_index
 from stream_app.app import Runtime
 from stream_app.contract import parse_timestamp
 from stream_app.pipeline import Record
-from stream_app.segments.cluster_model import adjusted_rand_index, choose_cluster, features
+from stream_app.segments.assign import choose_cluster, features
 from stream_app.settings import Settings
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import generate_users, interleaved_stream, record_key

@@ -22,3 +22,10 @@ def test_quantiles_interpolate_inside_buckets() -> None:
     assert abs((histogram_quantile(m, "x_seconds", 0.7) or 0) - 0.15) < 1e-9
     assert abs((histogram_quantile(m, "x_seconds", 0.95) or 0) - 0.35) < 1e-9
     assert histogram_quantile(m, "x_seconds", 0.5, baseline=m) is None
+
+
+def test_escaped_quotes_in_label_values_are_read_right() -> None:
+    """The hand parser split on '",' and broke on an escaped quote inside a label value."""
+    text = 'dlq_total{reason="not \\"json\\", really",kind="x"} 4.0\n'
+    m = parse_prometheus(text)
+    assert m["dlq_total"] == [({"reason": 'not "json", really', "kind": "x"}, 4.0)]

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.segments.cluster_model import Snapshot
+from stream_app.segments.assign import Snapshot
 from stream_app.store.keys import Keys
 from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
 

@@ -10,18 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evaluation.metrics import adjusted_rand_index, purity
+from evaluation.quality import Population, simulate
 from stream_app.profile import new_profile
-from stream_app.segments.cluster_model import (
-    FEATURE_NAMES,
-    Snapshot,
-    Trainer,
-    adjusted_rand_index,
-    choose_cluster,
-    features,
-    purity,
-    train_model,
-)
-from stream_app.segments.quality import Population, simulate
+from stream_app.segments.assign import FEATURE_NAMES, Snapshot, choose_cluster, features
+from stream_app.segments.cluster_model import Trainer, train_model
 
 EXPECTED_NAMES = {
     "quick_adopter": "quick adopters",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from stream_app.segments.cluster_model import features
-from stream_app.segments.quality import Delivered, replay
+from evaluation.quality import Delivered, replay
+from stream_app.segments.assign import features
 
 
 @cache

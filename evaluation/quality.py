@@ -34,7 +34,8 @@ from stream_app.paths import CONFIG_DIR
 from stream_app.pipeline import BatchOutcome, EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone
 from stream_app.reactions import ReactionContext
-from stream_app.segments.cluster_model import Snapshot, choose_cluster, features, train_model
+from stream_app.segments.assign import Snapshot, choose_cluster, features
+from stream_app.segments.cluster_model import train_model
 from stream_app.segments.rules import load_segments
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import SimUser, generate_users, interleaved_stream, record_key
