@@ -337,21 +337,8 @@ _CMP: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _value(node: Node, facts: Mapping[str, Any], member: frozenset[str]) -> Any:
-    if isinstance(node, Lit):
-        return node.value
-    if isinstance(node, Dur):
-        return node.ms
-    if isinstance(node, Name):
-        return facts.get(node.name)
-    if isinstance(node, ListOf):
-        return [_value(i, facts, member) for i in node.items]
-    if isinstance(node, Call):
-        return _call(node, facts, member)
-    return evaluate(node, facts, member)
-
-
-def _call(node: Call, facts: Mapping[str, Any], member: frozenset[str]) -> Any:
+def call_value(node: Call, facts: Mapping[str, Any], member: frozenset[str]) -> Any:
+    """The value of a function call of the rule language (shared by every evaluator)."""
     doc: Mapping[str, Any] = facts.get("_doc") or {}
     now = facts.get("_now_ms", 0)
     arg = node.args[0]
@@ -374,37 +361,13 @@ def _call(node: Call, facts: Mapping[str, Any], member: frozenset[str]) -> Any:
     return text in member  # in_segment
 
 
-def evaluate(node: Node, facts: Mapping[str, Any], member: frozenset[str] = frozenset()) -> bool:
-    """Truth of a rule for the facts; ``member`` holds the segments already known to hold."""
-    if isinstance(node, BoolOp):
-        if node.op == "and":
-            return all(evaluate(i, facts, member) for i in node.items)
-        return any(evaluate(i, facts, member) for i in node.items)
-    if isinstance(node, Not):
-        return not evaluate(node.expr, facts, member)
-    try:
-        if isinstance(node, Compare):
-            left, right = _value(node.left, facts, member), _value(node.right, facts, member)
-            if (left is None or right is None) and node.op not in ("==", "!="):
-                return False
-            return bool(_CMP[node.op](left, right))
-        if isinstance(node, Between):
-            value = _value(node.expr, facts, member)
-            low, high = _value(node.low, facts, member), _value(node.high, facts, member)
-            return value is not None and bool(low <= value <= high)
-        if isinstance(node, In):
-            return _value(node.expr, facts, member) in _value(node.options, facts, member)
-    except TypeError:
-        return False  # values of different kinds: not comparable, so the condition does not hold
-    return bool(_value(node, facts, member))
-
-
 Compiled = Callable[[Mapping[str, Any], frozenset[str]], Any]
 
 
 def compile_rule(node: Node) -> Compiled:
-    """The rule as nested closures: the same semantics as :func:`evaluate`, without re-dispatching
-    on node types at every evaluation (profiles are evaluated on every write). No eval/exec."""
+    """The rule as nested closures, what the engine evaluates (no interpreter re-dispatching on
+    node types at every evaluation: profiles are evaluated on every write). No eval/exec.
+    ``tests/unit/segments/rule_oracle.py`` is a plain interpreter the tests check it against."""
     fn = _compile(node)
 
     def truth(facts: Mapping[str, Any], member: frozenset[str]) -> bool:
@@ -428,7 +391,7 @@ def _compile_value(node: Node) -> Compiled:
         return lambda f, m: [i(f, m) for i in items]
     if isinstance(node, Call):
         call = node
-        return lambda f, m: _call(call, f, m)
+        return lambda f, m: call_value(call, f, m)
     return _compile(node)
 
 
