@@ -1,4 +1,4 @@
-"""The profile agent: `onboarding.events` in batches -> Runtime.handle_batch.
+"""The profile agent: `onboarding.events` in batches -> the batch runner (:mod:`stream_app.worker.batches`).
 
 Concurrency stays 1 (faust-streaming #606: with more, a commit can skip an in-flight
 message; per-user order needs one consumer per partition anyway).
@@ -13,16 +13,15 @@ and acks go in offset order, so a commit never passes an unprocessed record.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import faust
 
 from stream_app.pipeline import Record
-from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS
+from stream_app.settings import Settings
 
-if TYPE_CHECKING:
-    import faust
-
-    from stream_app.app import Runtime
+BatchHandler = Callable[[list[Record]], Awaitable[object]]
 
 
 def to_records(events: Sequence[Any]) -> list[Record]:
@@ -35,19 +34,11 @@ def to_records(events: Sequence[Any]) -> list[Record]:
     return records
 
 
-def register(app: faust.App, runtime: Runtime) -> None:
-    settings = runtime.settings
-    events_topic = app.topic(runtime.topics["events"].name, key_serializer="raw", value_serializer="raw")
-    runtime.dlq_topic = app.topic(runtime.topics["dlq"].name, key_serializer="raw", value_serializer="raw")
-    runtime.out_topics = {
-        kind: app.topic(runtime.topics[spec].name, key_serializer="raw", value_serializer="raw")
-        for kind, spec in ((SEGMENTS, "segments"), (TRIGGERS, "triggers"), (HOLDOUT, "triggers_holdout"))
-    }
-
+def register(app: faust.App, events_topic: Any, handle: BatchHandler, settings: Settings) -> None:
     @app.agent(events_topic, concurrency=1, name="profiles")
     async def update_profiles(stream: Any) -> None:
         async def process_then_ack(events: Sequence[Any]) -> None:
-            await runtime.handle_batch(to_records(events))
+            await handle(to_records(events))
             for event in events:
                 await stream.ack(event)
 

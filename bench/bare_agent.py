@@ -14,7 +14,7 @@ import time
 import faust
 import orjson
 
-from stream_app.app import _set_fetch_max_wait
+from stream_app.worker.app import _set_fetch_max_wait
 
 bootstrap, topic_name, total, app_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 _set_fetch_max_wait(100)

@@ -6,12 +6,8 @@ store, identity links included) from :mod:`stream_app.synthetic` streams.
 * :func:`simulate` / :func:`build`: the users' *final* profiles (end of stream), for
   training and scoring a model offline.
 * :func:`replay` / :func:`build_delivered`: the clusters the running engine actually
-  stores. The stream runs through the pipeline with reactions wired; after every batch
-  the latest features of a sample of the profiles it touched (mid-journey) replace those
-  users' vectors in the sample set, a model is trained and published every few batches
-  the way ``Runtime.train_once`` does it, and each profile write (and each due
-  deadline) assigns the user with the latest snapshot and hysteresis, like
-  ``Runtime.assign_cluster``.
+  stores: the worker's own roles (batch runner, cluster service, timer, sweep) on
+  in-memory stores, driven batch by batch, a model trained every few batches.
 
 Both run on an event-time clock (the simulated "now" is the latest event read), so the
 results do not depend on the date they are computed on.
@@ -23,24 +19,21 @@ import asyncio
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import orjson
 
-from stream_app.contract import ContractRules
+from stream_app.contract import ContractRules, parse_timestamp
 from stream_app.metrics import Metrics
-from stream_app.paths import CONFIG_DIR
-from stream_app.pipeline import BatchOutcome, EventProcessor, Record
+from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone
-from stream_app.reactions import ReactionContext
-from stream_app.segments.assign import Snapshot, choose_cluster, features
-from stream_app.segments.cluster_model import train_model
-from stream_app.segments.rules import load_segments
+from stream_app.segments.assign import Snapshot, features
+from stream_app.settings import Settings
+from stream_app.store.models import InMemoryClusterModelStore
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import SimUser, generate_users, interleaved_stream, record_key
-from stream_app.triggers.config import load_triggers
-from stream_app.triggers.decide import StepBaseline
+from stream_app.worker.publisher import Sinks
+from stream_app.worker.runtime import Runtime, Stores
 
 T0 = 1_795_000_000_000
 
@@ -108,11 +101,13 @@ async def build(users: int, seed: int) -> Population:
 
 
 def _records(sim: list[SimUser], seed: int) -> tuple[list[Record], list[int]]:
-    """The interleaved stream as records (one partition), and each record's event time (ms)."""
+    """The interleaved stream as records (one partition), each with its event's time as Kafka
+    timestamp (as a live producer writes them), and those times (ms)."""
     stream = list(interleaved_stream(sim, T0, seed))
-    records = [Record(orjson.dumps(e), record_key(e), "sim", 0, i, None) for i, e in enumerate(stream)]
-    times = [  # ISO-8601 UTC with milliseconds, non-decreasing
-        int(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() * 1000) for e in stream
+    times = [parse_timestamp(e["timestamp"]) for e in stream]  # non-decreasing
+    records = [
+        Record(orjson.dumps(e), record_key(e), "onboarding.events", 0, i, ts)
+        for i, (e, ts) in enumerate(zip(stream, times, strict=True))
     ]
     return records, times
 
@@ -186,146 +181,74 @@ async def build_delivered(
     margin: float = 0.2,
     train_samples: int = 5000,
     sample_cap: int = 50_000,
+    sweep: bool = True,
 ) -> Delivered:
     """:func:`replay` for callers already inside an event loop.
 
-    Mirrors ``stream_app.app.Runtime`` with one worker holding the training lease:
+    The worker's own roles (:class:`stream_app.worker.runtime.Runtime` on in-memory stores,
+    one partition, this process holding the training lease), driven batch by batch:
 
-    * before each batch, step means and stall baselines are re-read from the durations
-      folded so far (``Runtime.refresh_baselines``);
-    * the batch runs through :class:`EventProcessor` with reactions wired; each write
-      assigns the user with the current snapshot and hysteresis ``margin`` against
-      the stored cluster (``Runtime.assign_cluster``);
-    * after it, the latest features of up to ``samples_per_batch`` random profiles the
-      batch wrote (consent refused skipped and dropped) replace those users' vectors in
-      the sample set, capped at ``sample_cap`` users (``Runtime._sample_profiles``);
-    * every ``train_every`` batches, the training pass of ``Runtime.train_once`` (the
-      stand-in for the ``CLUSTER_TRAIN_INTERVAL_SECONDS`` timer): once the set holds
-      ``min_samples`` users, :func:`train_model` on a random draw of at most
-      ``train_samples`` of them, published as the next version;
-    * the deadline timer (``Runtime.fire_due``): deadlines at or before the watermark
-      (latest event time minus the allowed lateness) are reacted to, which also
-      re-assigns the cluster.
+    * each batch goes through the batch runner (baselines re-read, reactions wired, each
+      write assigning with the current snapshot and hysteresis, a sample of the written
+      profiles refreshing the training set);
+    * every ``train_every`` batches, the training pass (the stand-in for the
+      ``CLUSTER_TRAIN_INTERVAL_SECONDS`` timer);
+    * then the deadline timer and (``sweep``) the cluster sweep, on the partition's
+      watermark: the records carry their events' times as Kafka timestamps, as a live
+      producer writes them.
 
-    The simulated clock is event time (the latest event read), so it is deterministic.
+    Deterministic for a seed: the only randomness (samples, shuffles) is seeded.
     """
     sim = generate_users(users, seed)
     archetype_of = {u.user_id: u.archetype for u in sim} | {u.anonymous_id: u.archetype for u in sim}
-    store = InMemoryProfileStore()
-    rules = ProfileRules()
-    triggers = load_triggers(CONFIG_DIR / "triggers.toml")
-    segments = load_segments(CONFIG_DIR / "segments.toml")
-    rng = random.Random(seed)
-    durations: dict[tuple[str, str, str], list[float]] = {}
-    baselines: dict[tuple[str, str, str], StepBaseline] = {}
-    step_means: dict[tuple[str, str], float] = {}
-    snapshots: list[Snapshot] = []
-    sample_set: dict[str, list[float]] = {}  # user -> latest vector (Runtime: ClusterModelStore)
+    settings = Settings.load(
+        cluster_k=k,
+        cluster_halflife=halflife,
+        cluster_min_samples=min_samples,
+        cluster_margin=margin,
+        cluster_train_samples=train_samples,
+        cluster_sample_cap=sample_cap,
+        cluster_samples_per_batch=samples_per_batch,
+        cluster_sweep_rate=10_000_000,  # a whole partition per timer pass
+        baseline_refresh_seconds=1e-6,  # re-read before every batch
+        batch_max_events=batch_size,
+    )
+    stores = Stores(settings, in_memory=True)
+    rt = Runtime(settings, Sinks.in_memory(), stores, rng=random.Random(seed), wall_ms=lambda: T0)
+    rt.timer.owned = {0}
+    profiles = stores.profiles
+    assert isinstance(profiles, InMemoryProfileStore)
     samples: list[tuple[str, int, list[float]]] = []
     history: dict[str, list[tuple[str | None, list[float]]]] = {}  # user -> (name, features) per change
-    now = {"ms": T0}
+    batches = 0
+    assign, sample = rt.clusters.assign, rt.clusters.sample
 
-    async def stats(batch: list[StepDuration]) -> None:
-        for d in batch:
-            durations.setdefault((d.flow, d.step, d.group), []).append(d.duration_s)
-
-    def refresh_baselines() -> None:
-        baselines.clear()
-        baselines.update({key: StepBaseline(sum(v) / len(v), len(v)) for key, v in durations.items()})
-        step_means.clear()
-        step_means.update({(f, s): b.mean_s for (f, s, g), b in baselines.items() if not g})
-
-    def assign_cluster(
+    def recording_assign(
         doc: Profile, now_ms: int, current: Mapping[str, Any] | None
     ) -> tuple[dict[str, Any] | None, str]:
-        snap = snapshots[-1] if snapshots else None
-        if snap is None:
-            return (dict(current) if current else None), ""
-        x = features(doc, step_means)
-        distances = snap.distances(x)
-        cid = choose_cluster(current.get("id") if current else None, distances, margin)
-        if current is None or current.get("id") != cid:
-            history.setdefault(str(doc.get("user_id")), []).append((snap.names[cid], x))
-        reason = f"nearest centroid of model v{snap.version} (distance {distances[cid]:.2f})"
-        return {"id": cid, "name": snap.names[cid], "model_version": snap.version}, reason
+        cluster, reason = assign(doc, now_ms, current)
+        if cluster is not None and (current is None or current.get("id") != cluster["id"]):
+            x = features(doc, rt.baselines.means)
+            history.setdefault(str(doc.get("user_id")), []).append((cluster["name"], x))
+        return cluster, reason
 
-    def context() -> ReactionContext:
-        return ReactionContext(segments, triggers, rules, baselines, assign_cluster)
+    async def recording_sample(
+        docs: Mapping[str, Profile], linked: Any = (), limit: int | None = None
+    ) -> None:
+        before = dict(stores.models.samples) if isinstance(stores.models, InMemoryClusterModelStore) else {}
+        await sample(docs, linked, limit)
+        if limit is not None and isinstance(stores.models, InMemoryClusterModelStore):
+            for pid, x in stores.models.samples.items():
+                if pid in docs and before.get(pid) != x:
+                    samples.append((archetype_of.get(pid, "?"), batches, x))
 
-    processor = EventProcessor(
-        store,
-        ContractRules(pii_salt=b"q"),
-        rules,
-        Metrics(),
-        step_stats=stats,
-        clock=lambda: now["ms"] / 1000,
-        reactions=context,
-    )
-
-    def sample_profiles(outcome: BatchOutcome, batch_index: int) -> None:
-        consenting = []
-        for pid in outcome.linked:
-            sample_set.pop(pid, None)
-        for pid, d in outcome.profiles.items():
-            if d.get("consent", {}).get("personalization") is False:
-                sample_set.pop(pid, None)
-            else:
-                consenting.append(pid)
-        for pid in rng.sample(consenting, min(samples_per_batch, len(consenting))):
-            x = features(outcome.profiles[pid], step_means)
-            sample_set[pid] = x
-            samples.append((archetype_of.get(pid, "?"), batch_index, x))
-        if len(sample_set) > sample_cap:
-            for pid in rng.sample(sorted(sample_set), len(sample_set) - sample_cap):
-                del sample_set[pid]
-
-    def train_once() -> None:
-        if len(sample_set) < min_samples:
-            return
-        users = sorted(sample_set)
-        drawn = users if len(users) <= train_samples else rng.sample(users, train_samples)
-        latest = snapshots[-1] if snapshots else None
-        version = (latest.version if latest else 0) + 1
-        snap = train_model(
-            [sample_set[u] for u in drawn], latest, version=version, now_ms=now["ms"], k=k, halflife=halflife
-        )
-        snapshots.append(snap)
-
-    deadlines: dict[str, int] = {}  # user -> due (ms), one partition
-
-    def note_deadlines(outcome: BatchOutcome) -> None:
-        for entries in outcome.deadlines.values():
-            for user, due in entries.items():
-                if due is None:
-                    deadlines.pop(user, None)
-                else:
-                    deadlines[user] = due
-        for user in outcome.erased:
-            deadlines.pop(user, None)
-
-    async def fire_due(watermark: int) -> int:
-        fired = 0
-        while True:
-            due = sorted(((u, ms) for u, ms in deadlines.items() if ms <= watermark), key=lambda d: d[1])
-            if not due:
-                return fired
-            outcome = await processor.fire(0, due, watermark)
-            for user, read, nxt in outcome.settled:
-                if deadlines.get(user) == read:
-                    if nxt is None or nxt <= read:
-                        deadlines.pop(user)
-                    else:
-                        deadlines[user] = nxt
-            fired += len(due)
-            if any(deadlines.get(u) == ms for u, ms in due):  # a conflict left it: not in memory
-                return fired
-
-    timeline: list[Moment] = []
+    rt.clusters.assign = recording_assign  # type: ignore[method-assign]  # instrumented, same decisions
+    rt.clusters.sample = recording_sample  # type: ignore[method-assign]
 
     def moment(batch: int, fired: int) -> Moment:
         names: dict[tuple[str, str | None], int] = {}
         for user in sim:
-            raw = store.profiles.get(user.user_id)
+            raw = profiles.profiles.get(user.user_id)
             if raw is None:
                 continue
             doc = orjson.loads(raw[1])
@@ -334,25 +257,31 @@ async def build_delivered(
             stored = (doc.get("engine") or {}).get("cluster")
             key = (user.archetype, stored["name"] if stored else None)
             names[key] = names.get(key, 0) + 1
-        return Moment(batch, now["ms"], snapshots[-1].version if snapshots else 0, fired, names)
+        snap = rt.clusters.snapshot
+        return Moment(batch, last_ms, snap.version if snap else 0, fired, names)
 
     records, times = _records(sim, seed)
-    batches = 0
+    timeline: list[Moment] = []
+    snapshots: list[Snapshot] = []  # every published snapshot, oldest first
     timer_fires = 0
+    last_ms = T0
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
-        now["ms"] = times[i + len(batch) - 1]
-        refresh_baselines()
-        outcome = await processor.process(batch)
-        note_deadlines(outcome)
-        sample_profiles(outcome, batches)
+        last_ms = times[i + len(batch) - 1]
+        await rt.batches.handle(batch)
         batches += 1
-        if batches % train_every == 0:
-            train_once()
-        refresh_baselines()
-        fired = await fire_due(now["ms"] - triggers.allowed_lateness_ms)
+        if batches % train_every == 0 and (published := await rt.clusters.train_once()) is not None:
+            snapshots.append(published)
+        fired = 0
+        while looked := await rt.timer.fire_due():
+            fired += looked
+            if looked < 500:
+                break
+        while sweep and await rt.timer.sweep():
+            pass
         timer_fires += fired
         timeline.append(moment(batches, fired))
+    step_means = rt.baselines.means
     if not snapshots:
         raise ValueError("the stream was too short to train a model")
 
@@ -360,7 +289,7 @@ async def build_delivered(
     out: list[DeliveredUser] = []
     docs: list[Profile] = []
     for user in sim:
-        raw = store.profiles.get(user.user_id)
+        raw = profiles.profiles.get(user.user_id)
         if raw is None:
             continue
         doc = orjson.loads(raw[1])

@@ -44,8 +44,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
     import faust
 
-    from stream_app.app import create_app
     from stream_app.logs import setup_logging
+    from stream_app.worker.app import create_app
 
     setup_logging(settings.log_level, settings.log_format)
 
@@ -112,20 +112,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from stream_app.app import Runtime
     from stream_app.report import lift, outcomes
+    from stream_app.worker.runtime import Stores
 
     async def collect() -> list[tuple[str, str, bool]]:
-        runtime = Runtime(settings.model_copy(update={"kafka_bootstrap_servers": "unused:1"}))
+        stores = Stores(settings)
         rows: list[tuple[str, str, bool]] = []
         try:
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("reading profiles", total=None)
-                async for doc in runtime.store.documents():
+                async for doc in stores.profiles.documents():
                     rows.extend(outcomes(doc))
                     progress.advance(task)
         finally:
-            await runtime.close()
+            await stores.close()
         return rows
 
     results = [r for r in lift(asyncio.run(collect())) if args.type is None or r.trigger_type == args.type]
@@ -171,14 +171,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     settings = _store_settings()
 
-    from stream_app.app import Runtime
+    from stream_app.worker.runtime import Stores, reader
 
     async def fetch() -> dict[str, object] | None:
-        runtime = Runtime(settings.model_copy(update={"kafka_bootstrap_servers": "unused:1"}))
+        stores = Stores(settings)
         try:
-            return await runtime.read_profile(args.user_id)
+            return await reader(settings, stores).read(args.user_id)
         finally:
-            await runtime.close()
+            await stores.close()
 
     doc = asyncio.run(fetch())
     if doc is None:

@@ -1,6 +1,7 @@
 """The settings turned into the rule objects of the pure layers (contract, profile, identity,
-triggers). Every process that decides anything (worker, collector, CLI) builds them here, so
-all of them decide by the same settings. No I/O beyond reading the triggers file.
+segments, triggers). Every process that decides anything (worker, collector, CLI) builds them
+here, so all of them decide by the same settings. No I/O beyond reading the config files; a
+bad file stops start-up with a ConfigError naming its setting.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from stream_app.identity import IdentityRules
 from stream_app.paths import CONFIG_DIR
 from stream_app.privacy import PolicyError, TraitsPolicy, load_policy, shipped_policy
 from stream_app.profile import ProfileRules
+from stream_app.segments.rules import RuleError, SegmentSet, load_segments
 from stream_app.settings import Settings
 from stream_app.triggers.config import TriggerConfig, TriggerConfigError, load_triggers
 
@@ -63,3 +65,10 @@ def trigger_config(settings: Settings) -> TriggerConfig:
         return load_triggers(settings.triggers_file or CONFIG_DIR / "triggers.toml", overrides)
     except TriggerConfigError as exc:
         raise ConfigError("TRIGGERS_FILE", str(exc)) from exc
+
+
+def segment_set(settings: Settings) -> SegmentSet:
+    try:
+        return load_segments(settings.segments_file or CONFIG_DIR / "segments.toml", settings.segments_max)
+    except RuleError as exc:
+        raise ConfigError("SEGMENTS_FILE", str(exc)) from exc

@@ -21,3 +21,11 @@ class ConfigError(StreamAppError):
 
 class EmbeddedServiceError(StreamAppError):
     """An embedded broker or Redis could not be started; the message says which and why."""
+
+
+class ContentionError(StreamAppError):
+    """Profiles kept changing under a batch (other writers won every compare-and-set).
+
+    Transient by nature: the batch is retried as a whole. A real bug raises something else,
+    which is not retried as if it were contention.
+    """

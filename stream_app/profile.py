@@ -11,7 +11,7 @@ they never touch Kafka or Redis and never look at the wall clock unless handed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from stream_app.contract import (
     DELETION_REQUESTED,
@@ -92,7 +92,7 @@ def new_profile(profile_id: str) -> Profile:
     }
 
 
-def is_tombstone(doc: Profile | None) -> bool:
+def is_tombstone(doc: Profile | None) -> TypeGuard[Profile]:
     """A tombstone marks an id merged into another profile (``merged_into``)."""
     return doc is not None and "merged_into" in doc
 

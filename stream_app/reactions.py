@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream_app.outbox import HOLDOUT, SEGMENTS, TRIGGERS, OutboxMessage, store_outbox
 from stream_app.profile import Profile, ProfileRules
 from stream_app.segments.changes import cluster_changes, rule_changes
 from stream_app.segments.facts import profile_facts
@@ -31,8 +32,6 @@ from stream_app.triggers.decide import CONTROL, Baselines, decide, engine_state
 
 #: (doc, now_ms, stored cluster) -> (cluster {"id", "name", ...} or None, reason for a change)
 ClusterAssigner = Callable[[Profile, int, Mapping[str, Any] | None], tuple[dict[str, Any] | None, str]]
-
-SEGMENTS, TRIGGERS, HOLDOUT = "segments", "triggers", "holdout"
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ReactionContext:
 
 @dataclass(slots=True)
 class Reaction:
-    outbox: list[dict[str, Any]]  # {"to": segments|triggers|holdout, "value": message}
+    outbox: list[OutboxMessage]
     suppressed: list[tuple[str, str]]
     deadline_ms: int | None
     changed: bool  # the document's engine state changed: it must be written
@@ -75,9 +74,9 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
     state["segments"] = sorted(now_segments)
     state["cluster"] = cluster_now
     decisions = decide(doc, user_id, now_ms, ctx.triggers, ctx.baselines, now_segments, cluster_now, entered)
-    outbox = [{"to": SEGMENTS, "value": m} for m in messages]
+    outbox = [OutboxMessage(SEGMENTS, user_id, m) for m in messages]
     outbox.extend(
-        {"to": HOLDOUT if t["group"] == CONTROL else TRIGGERS, "value": t} for t in decisions.triggers
+        OutboxMessage(HOLDOUT if t["group"] == CONTROL else TRIGGERS, user_id, t) for t in decisions.triggers
     )
     deadlines = [d for d in (decisions.deadline_ms,) if d is not None]
     if not refused:
@@ -85,19 +84,5 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
         if flip is not None:
             deadlines.append(flip)
     changed = bool(messages) or decisions.changed
-    state["outbox"] = outbox
+    store_outbox(doc, outbox)
     return Reaction(outbox, decisions.suppressed, min(deadlines) if deadlines else None, changed)
-
-
-def message_id(message: Mapping[str, Any]) -> str:
-    """The idempotency key of an outbox message (trigger_id or change_id)."""
-    value = message["value"]
-    return str(value.get("trigger_id") or value.get("change_id"))
-
-
-def outbox_key(doc: Profile | None) -> str | None:
-    """Identity of a document's outbox (None when empty): the ids of its messages."""
-    outbox = ((doc or {}).get("engine") or {}).get("outbox") or []
-    if not outbox:
-        return None
-    return ",".join(message_id(m) for m in outbox)

@@ -1,22 +1,30 @@
-"""HTTP views on the worker's web server: profiles, Prometheus metrics, health."""
+"""HTTP views on the worker's web server: profiles, step statistics, Prometheus metrics, health.
+
+The views get only what they read (the profile reader, the metrics registry, a health
+check); they never reach into the worker's other roles.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import faust
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    import faust
-
-    from stream_app.app import Runtime
+from stream_app.worker.reader import ProfileReader
 
 
-def register(app: faust.App, runtime: Runtime) -> None:
+class HealthCheck(Protocol):
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, the body to answer with)."""
+        ...
+
+
+def register(app: faust.App, reader: ProfileReader, registry: CollectorRegistry, health: HealthCheck) -> None:
     @app.page("/profiles/{user_id}")
     async def profile(self: Any, request: Any, user_id: str) -> Any:
-        doc = await runtime.read_profile(user_id)
+        doc = await reader.read(user_id)
         if doc is None:
             return self.bytes(
                 orjson.dumps({"error": "not_found", "user_id": user_id}),
@@ -36,22 +44,15 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 "mean_s": s.mean_s,
                 "stddev_s": s.stddev_s,
             }
-            for s in await runtime.step_stats.all()
+            for s in await reader.step_stats()
         ]
         return self.bytes(orjson.dumps(rows), content_type="application/json")
 
     @app.page("/metrics")
     async def metrics(self: Any, request: Any) -> Any:
-        return self.bytes(
-            generate_latest(runtime.metrics.registry), content_type=CONTENT_TYPE_LATEST.split(";")[0]
-        )
+        return self.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/healthz")
-    async def health(self: Any, request: Any) -> Any:
-        try:
-            await runtime.store.ping()
-        except Exception as exc:
-            return self.json({"status": "unavailable", "redis": repr(exc)}, status=503)
-        events_topic = runtime.topics["events"].name
-        partitions = sorted(p for t, p in runtime.assigned if t == events_topic)
-        return self.json({"status": "ok", "redis": runtime.ready, "partitions": partitions})
+    async def healthz(self: Any, request: Any) -> Any:
+        ok, body = await health.check()
+        return self.json(body, status=200 if ok else 503)

@@ -6,21 +6,18 @@ clock; its timer fires against the partition watermark built from them.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from stream_app.app import Runtime
 from stream_app.clock import note_offset, to_trusted, to_user, watermark_candidate
 from stream_app.contract import Event, iso_ms
 from stream_app.pipeline import Record
 from stream_app.profile import new_profile
-from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS
 from stream_app.settings import Settings
-from stream_app.store.profiles import InMemoryProfileStore
+from stream_app.worker.publisher import MemorySink, Sinks
+from stream_app.worker.runtime import Runtime, Stores
 
 T0 = 1_795_000_000_000
 HOUR = 3_600_000
@@ -46,27 +43,15 @@ enabled = false
 """
 
 
-class Sink:
-    """Stands in for an output topic: keeps what was sent."""
-
-    def __init__(self) -> None:
-        self.values: list[dict[str, Any]] = []
-
-    async def send(self, key: bytes, value: bytes, headers: Any = None) -> asyncio.Future[None]:
-        self.values.append(orjson.loads(value))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-
-def runtime(tmp_path: Path) -> tuple[Runtime, Sink]:
+def runtime(tmp_path: Path) -> tuple[Runtime, MemorySink]:
     path = tmp_path / "triggers.toml"
     path.write_text(TRIGGERS_TOML)
-    rt = Runtime(Settings(triggers_file=path, cluster_enabled=False), store=InMemoryProfileStore())
-    sink = Sink()
-    rt.out_topics = {SEGMENTS: Sink(), TRIGGERS: sink, HOLDOUT: Sink()}
-    rt.assigned = {(rt.topics["events"].name, 0)}
-    return rt, sink
+    settings = Settings(triggers_file=path, cluster_enabled=False)
+    sinks = Sinks.in_memory()
+    rt = Runtime(settings, sinks, Stores(settings, in_memory=True))
+    rt.timer.owned = {0}
+    assert isinstance(sinks.triggers, MemorySink)
+    return rt, sinks.triggers
 
 
 def record(uid: str, name: str, client_ms: int, received_ms: int, n: int, **props: str) -> Record:
@@ -81,7 +66,7 @@ def record(uid: str, name: str, client_ms: int, received_ms: int, n: int, **prop
     return Record(orjson.dumps(event), uid.encode(), "onboarding.events", 0, next(_offsets), received_ms)
 
 
-def stalled(sink: Sink) -> list[str]:
+def stalled(sink: MemorySink) -> list[str]:
     return sorted(t["user_id"] for t in sink.values if t["type"] == "stalled_step")
 
 
@@ -89,19 +74,21 @@ async def test_fast_client_clocks_cannot_fire_other_users_stalls(tmp_path: Path)
     """The issue's field case: 30 finishers (8 s, threshold 20 s) and 64 clients an hour fast."""
     rt, sink = runtime(tmp_path)
     finishers = [f"fin{i}" for i in range(30)]
-    await rt.handle_batch(
+    await rt.batches.handle(
         [record(u, "Onboarding Step Started", T0, T0, 1, step="profile") for u in finishers]
         + [record("stuck", "Onboarding Step Started", T0, T0, 1, step="profile")]
     )
     # 64 other clients whose clocks run one hour ahead, received 1 s later
-    await rt.handle_batch([record(f"fast{i}", "Session Started", T0 + HOUR, T0 + 1000, 1) for i in range(64)])
-    await rt.fire_due()
+    await rt.batches.handle(
+        [record(f"fast{i}", "Session Started", T0 + HOUR, T0 + 1000, 1) for i in range(64)]
+    )
+    await rt.timer.fire_due()
     assert stalled(sink) == []  # nothing is due: shared time is at T0 + 1 s, not T0 + 1 h
-    await rt.handle_batch(
+    await rt.batches.handle(
         [record(u, "Onboarding Step Completed", T0 + 8000, T0 + 8000, 2, step="profile") for u in finishers]
     )
-    await rt.handle_batch([record("late", "Session Started", T0 + 25_000, T0 + 25_000, 1)])
-    await rt.fire_due()
+    await rt.batches.handle([record("late", "Session Started", T0 + 25_000, T0 + 25_000, 1)])
+    await rt.timer.fire_due()
     assert stalled(sink) == ["stuck"]  # the one user who did not finish, and only them
     assert rt.metrics.events_clock_ahead._value.get() == 64
 
@@ -109,14 +96,14 @@ async def test_fast_client_clocks_cannot_fire_other_users_stalls(tmp_path: Path)
 async def test_a_slow_client_clock_still_gets_the_whole_step_time(tmp_path: Path) -> None:
     rt, sink = runtime(tmp_path)
     # this user's clock is an hour slow: its step started "an hour ago" by the trusted clock
-    await rt.handle_batch([record("slow", "Onboarding Step Started", T0 - HOUR, T0, 1, step="profile")])
-    await rt.handle_batch([record("other", "Session Started", T0 + 15_000, T0 + 15_000, 1)])
-    await rt.fire_due()
+    await rt.batches.handle([record("slow", "Onboarding Step Started", T0 - HOUR, T0, 1, step="profile")])
+    await rt.batches.handle([record("other", "Session Started", T0 + 15_000, T0 + 15_000, 1)])
+    await rt.timer.fire_due()
     assert stalled(sink) == []  # 15 s of its 20 s have passed
-    doc = await rt.store.get("slow")
+    doc = await rt.stores.profiles.get("slow")
     assert doc is not None and doc["engine"]["clock_offset_ms"] == HOUR
-    await rt.handle_batch([record("other", "Session Started", T0 + 21_000, T0 + 21_000, 2)])
-    await rt.fire_due()
+    await rt.batches.handle([record("other", "Session Started", T0 + 21_000, T0 + 21_000, 2)])
+    await rt.timer.fire_due()
     assert stalled(sink) == ["slow"]
     (trigger,) = sink.values
     assert trigger["evidence"]["elapsed_s"] == 21.0  # measured on the user's own clock
@@ -124,12 +111,12 @@ async def test_a_slow_client_clock_still_gets_the_whole_step_time(tmp_path: Path
 
 async def test_a_fast_client_still_gets_its_own_stall_on_time(tmp_path: Path) -> None:
     rt, sink = runtime(tmp_path)
-    await rt.handle_batch([record("fast", "Onboarding Step Started", T0 + HOUR, T0, 1, step="profile")])
-    await rt.handle_batch([record("other", "Session Started", T0 + 19_000, T0 + 19_000, 1)])
-    await rt.fire_due()
+    await rt.batches.handle([record("fast", "Onboarding Step Started", T0 + HOUR, T0, 1, step="profile")])
+    await rt.batches.handle([record("other", "Session Started", T0 + 19_000, T0 + 19_000, 1)])
+    await rt.timer.fire_due()
     assert stalled(sink) == []
-    await rt.handle_batch([record("other", "Session Started", T0 + 20_000, T0 + 20_000, 2)])
-    await rt.fire_due()
+    await rt.batches.handle([record("other", "Session Started", T0 + 20_000, T0 + 20_000, 2)])
+    await rt.timer.fire_due()
     assert stalled(sink) == ["fast"]
 
 

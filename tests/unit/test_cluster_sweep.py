@@ -15,14 +15,14 @@ from pathlib import Path
 import orjson
 
 from evaluation.metrics import adjusted_rand_index
-from stream_app.app import Runtime
 from stream_app.contract import parse_timestamp
 from stream_app.pipeline import Record
 from stream_app.segments.assign import choose_cluster, features
 from stream_app.settings import Settings
-from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
-from tests.unit.test_clock import T0, Sink
+from stream_app.worker.publisher import MemorySink, Sinks
+from stream_app.worker.runtime import Runtime, Stores
+from tests.unit.test_clock import T0
 
 USERS = 120
 
@@ -36,20 +36,20 @@ def backlog(seed: int = 5) -> tuple[list[Record], dict[str, str]]:
     return records, {u.user_id: u.archetype for u in users}
 
 
-def runtime(tmp_path: Path) -> tuple[Runtime, Sink]:
+def runtime(tmp_path: Path) -> tuple[Runtime, MemorySink]:
     settings = Settings(cluster_min_samples=50, cluster_sweep_rate=400, timer_interval_seconds=0.25)
-    rt = Runtime(settings, store=InMemoryProfileStore())
-    segments = Sink()
-    rt.out_topics = {"segments": segments, "triggers": Sink(), "holdout": Sink()}
-    rt.assigned = {(rt.topics["events"].name, 0)}
-    return rt, segments
+    sinks = Sinks.in_memory()
+    rt = Runtime(settings, sinks, Stores(settings, in_memory=True))
+    rt.timer.owned = {0}
+    assert isinstance(sinks.segments, MemorySink)
+    return rt, sinks.segments
 
 
 async def clusters(rt: Runtime, ids: list[str]) -> dict[str, str | None]:
     """Stored cluster ids of the users who did not refuse personalization (those get none)."""
     out: dict[str, str | None] = {}
     for uid in ids:
-        doc = await rt.store.get(uid)
+        doc = await rt.stores.profiles.get(uid)
         assert doc is not None, uid
         if doc["consent"]["personalization"] is not False:
             out[uid] = ((doc.get("engine") or {}).get("cluster") or {}).get("id")
@@ -60,13 +60,13 @@ async def test_the_sweep_clusters_a_backlog_that_was_applied_before_the_first_mo
     rt, segments = runtime(tmp_path)
     records, archetype = backlog()
     for i in range(0, len(records), 500):
-        await rt.handle_batch(records[i : i + 500])
+        await rt.batches.handle(records[i : i + 500])
     ids = sorted(archetype)
     assert set((await clusters(rt, ids)).values()) == {None}  # no model while they were applied
-    first = await rt.train_once()
+    first = await rt.clusters.train_once()
     assert first is not None and first.sweep_version == first.version == 1
     passes = 0
-    while await rt.sweep_clusters():
+    while await rt.timer.sweep():
         passes += 1
     assert passes >= 2  # bounded work per pass: 100 profiles here, not the whole partition
     found = await clusters(rt, ids)
@@ -78,42 +78,42 @@ async def test_the_sweep_clusters_a_backlog_that_was_applied_before_the_first_mo
         if m["source"] == "cluster" and m["change"] == "entered"
     )
     assert set(entered.values()) == {1} and {u for u, _s in entered} >= set(found)
-    assert await rt.sweep_clusters() == 0  # swept: idle until a model moves users
+    assert await rt.timer.sweep() == 0  # swept: idle until a model moves users
 
     # a retrained model that moves (almost) no one: published, but no new sweep
-    second = await rt.train_once()
+    second = await rt.clusters.train_once()
     assert second is not None and second.version == 2 and second.sweep_version == 1
-    await rt.refresh_model(force=True)
-    assert await rt.sweep_clusters() == 0
+    await rt.clusters.refresh(force=True)
+    assert await rt.timer.sweep() == 0
 
 
 async def test_a_model_that_moves_users_reaches_the_silent_ones(tmp_path: Path) -> None:
     rt, segments = runtime(tmp_path)
     records, archetype = backlog(seed=9)
     for i in range(0, len(records), 500):
-        await rt.handle_batch(records[i : i + 500])
-    await rt.train_once()
-    while await rt.sweep_clusters():
+        await rt.batches.handle(records[i : i + 500])
+    await rt.clusters.train_once()
+    while await rt.timer.sweep():
         pass
     ids = sorted(archetype)
     before = await clusters(rt, ids)
-    latest = await rt.models.latest()
+    latest = await rt.stores.models.latest()
     assert latest is not None
     # the next model swaps the centroids of two clusters: their users must move, without an event
     a, b = sorted(latest.centroids)[:2]
     swapped = {**latest.centroids, a: latest.centroids[b], b: latest.centroids[a]}
     moved = replace(latest, version=latest.version + 1, centroids=swapped, sweep_version=latest.version + 1)
-    assert await rt.models.publish(moved)
-    await rt.refresh_model(force=True)
-    while await rt.sweep_clusters():
+    assert await rt.stores.models.publish(moved)
+    await rt.clusters.refresh(force=True)
+    while await rt.timer.sweep():
         pass
     after = await clusters(rt, ids)
     # what the sweep owes each user: the new model's choice, with the hysteresis margin
     expected = {}
     for uid, cid in before.items():
-        doc = await rt.store.get(uid)
+        doc = await rt.stores.profiles.get(uid)
         assert doc is not None
-        distances = moved.distances(features(doc, rt.step_means))
+        distances = moved.distances(features(doc, rt.baselines.means))
         expected[uid] = choose_cluster(cid, distances, rt.settings.cluster_margin)
     assert after == expected
     movers = {u for u in ids if u in before and expected[u] != before[u]}

@@ -14,10 +14,11 @@ import pytest
 
 from stream_app.contract import ContractRules
 from stream_app.metrics import Metrics
+from stream_app.outbox import HOLDOUT, SEGMENTS, TRIGGERS
 from stream_app.paths import CONFIG_DIR
-from stream_app.pipeline import BatchOutcome, EventProcessor
+from stream_app.pipeline import BatchOutcome, EventProcessor, TimerOutcome
 from stream_app.profile import ProfileRules
-from stream_app.reactions import HOLDOUT, SEGMENTS, TRIGGERS, ReactionContext
+from stream_app.reactions import ReactionContext
 from stream_app.segments.rules import load_segments
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.triggers.config import parse_config
@@ -61,14 +62,14 @@ async def process(p: EventProcessor, recs: Any) -> BatchOutcome:
     return out
 
 
-async def fire(p: EventProcessor, due: list[tuple[str, int]], now_ms: int) -> BatchOutcome:
+async def fire(p: EventProcessor, due: list[tuple[str, int]], now_ms: int) -> TimerOutcome:
     out = await p.fire(0, due, now_ms)
     p.mark_published(out.outbox_keys)
     return out
 
 
-def sent(outcome: BatchOutcome, to: str) -> list[dict[str, Any]]:
-    return [m["value"] for m in outcome.outbox if m["to"] == to]
+def sent(outcome: BatchOutcome | TimerOutcome, to: str) -> list[dict[str, Any]]:
+    return [dict(m.value) for m in outcome.outbox if m.kind == to]
 
 
 def start(uid: str = "u1", at: int = 0, step: str = "profile", mid: str = "s1") -> dict[str, Any]:
@@ -144,7 +145,7 @@ async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -
     restarted = processor(store)
     again = await restarted.process(batch)  # redelivered: all duplicates, outbox re-sent
     assert again.applied == 0
-    assert [m["value"] for m in again.outbox] == [m["value"] for m in first.outbox]
+    assert [m.value for m in again.outbox] == [m.value for m in first.outbox]
     restarted.mark_published(again.outbox_keys)
     assert (await restarted.process(batch)).outbox == []  # published once here: not again
 
@@ -159,9 +160,9 @@ async def test_messages_survive_two_crashes_when_the_profile_changes_in_between(
     second = await processor(store).process(one + two)  # batch 1 redelivered with batch 2; crash again
     assert sent(second, TRIGGERS)  # batch 2 decided something new
     third = await processor(store).process(one + two)
-    ids = {m["value"].get("trigger_id") or m["value"]["change_id"] for m in third.outbox}
+    ids = {m.id for m in third.outbox}
     for m in first.outbox + second.outbox:
-        assert (m["value"].get("trigger_id") or m["value"]["change_id"]) in ids
+        assert m.id in ids
 
 
 async def test_erasure_drops_pending_messages_and_deadlines() -> None:
@@ -222,8 +223,8 @@ async def test_messages_match_their_published_schemas() -> None:
     segments = _validator("onboarding.segments.schema.json")
     kinds = set()
     for m in messages:
-        (segments if m["to"] == SEGMENTS else triggers).validate(m["value"])
-        kinds.add(m["to"])
+        (segments if m.kind == SEGMENTS else triggers).validate(m.value)
+        kinds.add(m.kind)
     assert kinds >= {SEGMENTS, TRIGGERS} or kinds >= {SEGMENTS, HOLDOUT}
 
 

@@ -25,11 +25,13 @@ def test_models_are_published_in_order_and_retrained_during_the_stream() -> None
     assert [s.version for s in d.snapshots] == list(range(1, len(d.snapshots) + 1))
     assert len(d.snapshots) >= 3
     assert d.snapshots[0].samples >= 200  # the first model waits for CLUSTER_MIN_SAMPLES
-    assert all(b.samples > a.samples for a, b in zip(d.snapshots, d.snapshots[1:], strict=False))
+    # the sample set only grows (users arrive; the sweep refreshes every member's vector)
+    assert all(b.samples >= a.samples for a, b in zip(d.snapshots, d.snapshots[1:], strict=False))
+    assert d.snapshots[-1].samples > d.snapshots[0].samples
     per_batch: dict[int, int] = {}
-    for _archetype, batch, _x in d.samples:
+    for _archetype, batch, _x in d.samples:  # the batch path's share: CLUSTER_SAMPLES_PER_BATCH
         per_batch[batch] = per_batch.get(batch, 0) + 1
-    assert max(per_batch.values()) <= 40
+    assert 0 < max(per_batch.values()) <= 40
     assert len(d.timeline) == d.batches
 
 

@@ -1,0 +1,153 @@
+"""Identity links: folding one id's profile into another, idempotently, on the profile store.
+
+``identify`` with an ``anonymousId`` and ``alias`` link an old id to a user. Which links are
+allowed is decided by :mod:`stream_app.identity` (pure); this module carries them out with
+compare-and-set writes, so a crash at any point, a redelivery or two workers racing give the
+result of one link. It never talks to Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+from stream_app.errors import ContentionError
+from stream_app.identity import IdentityRules, refuse_link
+from stream_app.metrics import Metrics
+from stream_app.outbox import (
+    Outbox,
+    OutboxMessage,
+    outbox_key,
+    segment_change,
+    store_outbox,
+    stored_outbox,
+)
+from stream_app.profile import Profile, is_tombstone, merge_profiles, new_profile
+from stream_app.segments.changes import linked_exits
+from stream_app.store.profiles import ProfileStore, Write
+from stream_app.triggers.decide import engine_state
+
+log = logging.getLogger(__name__)
+
+MAX_CAS_ATTEMPTS = 8
+LINK_CONCURRENCY = 32
+
+
+class IdentityLinker:
+    def __init__(
+        self,
+        store: ProfileStore,
+        metrics: Metrics,
+        rules: IdentityRules,
+        outbox: Outbox,
+        forget: Callable[[str], None],
+    ) -> None:
+        self.store, self.metrics, self.rules, self.outbox = store, metrics, rules, outbox
+        self.forget = forget  # drop a cached document (the processor's cache)
+
+    async def link_all(self, link_at: Mapping[tuple[str, str], int]) -> list[OutboxMessage]:
+        """Run a batch's links ((source, target) -> event time); repeated identifies of linked
+        ids cost one read. Returns the membership exits of the ids linked now."""
+        unique = list(link_at)
+        if not unique:
+            return []
+        for source, target in unique:
+            self.forget(source)
+            self.forget(target)
+        targets = await self.store.load({t: [] for _s, t in unique})
+        todo = [
+            (s, t)
+            for s, t in unique
+            if targets[t].doc is None or s not in targets[t].doc.get("merged_from", ())  # type: ignore[union-attr]
+        ]
+        if not todo:
+            return []
+        limit = asyncio.Semaphore(LINK_CONCURRENCY)
+
+        async def run(source: str, target: str) -> list[OutboxMessage]:
+            async with limit:
+                return await self.link(source, target, link_at[(source, target)])
+
+        # Links of different users are independent; CAS makes overlapping ones safe to race.
+        done = await asyncio.gather(*(run(s, t) for s, t in todo))
+        return [m for exits in done for m in exits]
+
+    async def link(self, source: str, target: str, at_ms: int | None = None) -> list[OutboxMessage]:
+        """Link ``source`` (anonymous or previous id) to ``target``, idempotently, in three CAS steps.
+
+        1. tombstone the source (``merged_into``), keeping a snapshot of its document and
+           seen ids if it had a profile; later events of the source are redirected;
+        2. fold the snapshot into the target and record the source in ``merged_from``
+           (skipped if already recorded), so erasure of the target finds the source;
+        3. drop the snapshot from the tombstone.
+        A crash between steps is repaired by the redelivered identify/alias. The link may
+        arrive before the source's own events (they are keyed to another partition): the
+        tombstone then redirects them when they come.
+        """
+        for _attempt in range(MAX_CAS_ATTEMPTS):
+            loaded = await self.store.load({source: [], target: []})
+            src, tgt = loaded[source], loaded[target]
+            if is_tombstone(tgt.doc):
+                target = tgt.doc["merged_into"]
+                continue
+            snapshot: Profile | None = None
+            seen: list[str] = []
+            if is_tombstone(src.doc):
+                if src.doc["merged_into"] != target:
+                    # first link wins: a second user cannot absorb the same anonymous history
+                    self.metrics.identity_merges.labels("conflict").inc()
+                    log.warning("identity link refused: the source id is already linked to another user")
+                    return []
+                snapshot, seen = src.doc.get("snapshot"), src.doc.get("snapshot_seen", [])
+                tomb_version = src.version
+            else:
+                if source not in (tgt.doc or {}).get("merged_from", ()) and (
+                    refused := refuse_link(src.doc, tgt.doc, self.rules)
+                ):
+                    self.metrics.identity_merges.labels(refused).inc()
+                    log.warning(
+                        "identity link refused",
+                        extra={"reason": refused, "merged_ids": len((tgt.doc or {}).get("merged_from", ()))},
+                    )
+                    return []
+                if src.doc is not None:
+                    snapshot, seen = src.doc, await self.store.seen_ids(source)
+                tomb: Profile = {"merged_into": target}
+                if snapshot is not None:
+                    tomb.update(snapshot=snapshot, snapshot_seen=seen)
+                if await self.store.save([Write(source, src.version, tomb)]):
+                    continue
+                tomb_version = src.version + 1
+            doc = tgt.doc if tgt.doc is not None else new_profile(target)
+            outcome = "already_merged"
+            exits: list[OutboxMessage] = []
+            if source not in doc["merged_from"]:
+                if snapshot is not None:
+                    merge_profiles(doc, snapshot, source)
+                    outcome = "merged"
+                    exits = self._end_memberships(doc, source, snapshot, at_ms)
+                else:
+                    doc["merged_from"] = [*doc["merged_from"], source]
+                    outcome = "linked"
+                if await self.store.save([Write(target, tgt.version, doc, seen, require_unseen=False)]):
+                    continue
+            if snapshot is not None:
+                await self.store.save([Write(source, tomb_version, {"merged_into": target})])
+            self.metrics.identity_merges.labels(outcome).inc()
+            return exits
+        raise ContentionError("identity link kept conflicting; the batch is retried")
+
+    def _end_memberships(
+        self, doc: Profile, source: str, snapshot: Profile, at_ms: int | None
+    ) -> list[OutboxMessage]:
+        """The source's memberships end with the link; the target's outbox carries the exits,
+        so they are published (and re-published after a crash) like its own changes."""
+        when = at_ms if at_ms is not None else (snapshot.get("last_seen_ms") or 0)
+        exits = [segment_change(m) for m in linked_exits(source, snapshot.get("engine"), when)]
+        if exits:
+            engine_state(doc)
+            # an outbox already published here is replaced, not re-sent
+            kept = [] if self.outbox.published(outbox_key(doc)) else stored_outbox(doc)
+            store_outbox(doc, [*kept, *exits])
+        return exits

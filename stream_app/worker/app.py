@@ -1,0 +1,196 @@
+"""The worker as a Faust app: topics, the agent, HTTP views and timers wired to a :class:`Runtime`.
+
+The composition root of the worker process (``stream-app worker``). The roles themselves
+live in :mod:`stream_app.worker`; the agent (``agents/events.py``) and the views
+(``stream_app/web.py``) get only what they call, so nothing imports back into this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import faust
+from redis.exceptions import RedisError
+
+from agents import events
+from stream_app import web
+from stream_app.settings import DEV_PII_SALT, Settings
+from stream_app.worker.batches import TRANSIENT
+from stream_app.worker.publisher import Sinks
+from stream_app.worker.runtime import Runtime, Stores
+
+log = logging.getLogger("stream_app")
+
+
+def _credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(
+                str(settings.kafka_ssl_certfile),
+                str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            )
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def _set_fetch_max_wait(ms: int) -> None:
+    """Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting for it.
+
+    A broker that holds a fetch until that wait expires (Tansu does) then adds up to 1.5 s
+    to every event's latency. Faust looks the class up on the aiokafka module at call time,
+    so a subclass installed there takes the configured wait. The worker is a process of
+    its own; nothing else in it builds group consumers.
+    """
+    import aiokafka
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    base = aiokafka.AIOKafkaConsumer
+    if getattr(base, "_stream_app_fetch_wait", None) is not None:
+        base._stream_app_fetch_wait = ms
+        return
+
+    class _Consumer(base):  # type: ignore[misc,valid-type]
+        _stream_app_fetch_wait = ms
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("group_id") is not None:
+                kwargs["fetch_max_wait_ms"] = type(self)._stream_app_fetch_wait
+            super().__init__(*args, **kwargs)
+
+    faust_aiokafka.aiokafka.AIOKafkaConsumer = _Consumer
+
+
+def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
+    """The Faust app with its agent, views and timers registered, and the runtime they drive."""
+    bootstrap, _ = settings.require_services()
+    if settings.pii_hash_salt.get_secret_value() == DEV_PII_SALT:
+        log.warning("PII_HASH_SALT is the development default; set your own secret in production")
+    stores = Stores(settings)
+    _set_fetch_max_wait(settings.kafka_fetch_max_wait_ms)
+    (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
+    brokers = ";".join(f"kafka://{b.strip()}" for b in bootstrap.split(","))
+    app = faust.App(
+        settings.app_id,
+        broker=brokers,
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        datadir=str(settings.data_dir / settings.app_id),
+        autodiscover=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        topic_partitions=stores.topics["events"].partitions,
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_seconds / 6),
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_in_thread=False,
+    )
+
+    def topic(role: str) -> Any:
+        return app.topic(stores.topics[role].name, key_serializer="raw", value_serializer="raw")
+
+    sinks = Sinks(topic("dlq"), topic("segments"), topic("triggers"), topic("triggers_holdout"))
+    events_topic = topic("events")
+
+    async def caught_up(partition: int) -> bool:
+        tp = faust.types.TP(stores.topics["events"].name, partition)
+        try:
+            highwater = app.consumer.highwater(tp)
+        except Exception:  # not fetched yet / not assigned: not known to be caught up
+            return False
+        if highwater is None:
+            return False
+        position = runtime.batches.next_offsets.get(partition)
+        if position is None:
+            position = await app.consumer.position(tp)
+        return position is not None and position >= highwater
+
+    runtime = Runtime(settings, sinks, stores, caught_up=caught_up)
+
+    events.register(app, events_topic, runtime.batches.handle, settings)
+    web.register(app, runtime.reader, runtime.metrics.registry, Health(runtime))
+
+    @app.task
+    async def _wait_for_store() -> None:
+        await runtime.wait_for_store()
+
+    @app.timer(interval=settings.cluster_train_interval_seconds)
+    async def _train_clusters() -> None:
+        if not runtime.ready or not settings.cluster_enabled:
+            return
+        try:
+            await runtime.clusters.train_once()
+        except (RedisError, OSError) as exc:
+            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            log.warning(
+                "cluster training pass failed; retried next interval", extra={"error": repr(exc)[:300]}
+            )
+
+    @app.timer(interval=settings.timer_interval_seconds)
+    async def _fire_deadlines() -> None:
+        if not runtime.ready or app.rebalancing:
+            return
+        try:
+            await asyncio.wait_for(runtime.timer.fire_due(), settings.batch_attempt_timeout_seconds)
+            await asyncio.wait_for(runtime.timer.sweep(), settings.batch_attempt_timeout_seconds)
+        except TRANSIENT as exc:
+            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            log.warning(
+                "timer pass failed; due deadlines stay and are retried", extra={"error": repr(exc)[:300]}
+            )
+
+    events_name = stores.topics["events"].name
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode types receivers narrowly
+    async def _assigned(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
+        runtime.timer.owned = {tp.partition for tp in assigned if tp.topic == events_name}
+        runtime.watermarks.forget()
+        runtime.batches.next_offsets.clear()
+        log.info("partitions assigned", extra={"events_partitions": sorted(runtime.timer.owned)})
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(app: faust.App, revoked: Any, *args: Any, **kwargs: Any) -> None:
+        runtime.timer.owned -= {tp.partition for tp in revoked if tp.topic == events_name}
+        log.info("partitions revoked", extra={"revoked": sorted(tp.partition for tp in revoked)})
+
+    return app, runtime
+
+
+class Health:
+    """What /healthz reports: Redis reachable, partitions owned."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            await self.runtime.stores.profiles.ping()
+        except Exception:
+            return False, {"status": "unavailable", "redis": False}
+        return True, {
+            "status": "ok",
+            "redis": self.runtime.ready,
+            "partitions": sorted(self.runtime.timer.owned),
+        }
