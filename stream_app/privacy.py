@@ -29,7 +29,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from stream_app.tomlmodels import Strict, TomlError, validate
 
 HASH_SUFFIX = "_sha256"
 Action = Literal["keep", "hash", "drop"]
@@ -173,13 +175,11 @@ def shipped_policy() -> TraitsPolicy:
     return load_policy(SHIPPED_POLICY)
 
 
-class _Names(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Names(Strict):
     names: list[str] = Field(default_factory=list)
 
 
-class _PolicyFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _PolicyFile(Strict):
     default: Action = "drop"
     max_traits: int = Field(50, ge=1, le=1000)
     max_value_chars: int = Field(256, ge=1, le=65536)
@@ -194,14 +194,11 @@ class PolicyError(ValueError):
 
 def load_policy(path: Path) -> TraitsPolicy:
     try:
-        raw = tomllib.loads(path.read_text())
-        parsed = _PolicyFile.model_validate(raw)
+        parsed = validate(_PolicyFile, tomllib.loads(path.read_text()))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise PolicyError(f"{path}: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PolicyError(f"{path}: {where}: {first['msg']}") from exc
+    except TomlError as exc:
+        raise PolicyError(f"{path}: {exc.where}: {exc.problem}") from exc
     overlap = {normalize_name(n) for n in parsed.keep.names} & {
         normalize_name(n) for n in parsed.hash.names + parsed.drop.names
     }

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from stream_app.errors import ConfigError
 from stream_app.paths import TOPICS_FILE
 from stream_app.settings import Settings
+from stream_app.tomlmodels import Strict, TomlError, validate
 
 
 @dataclass(frozen=True)
@@ -30,29 +33,48 @@ class TopicSpec:
 ROLES = ("events", "dlq", "triggers", "triggers_holdout", "segments")
 
 
+class _Topic(Strict):
+    name: str = Field(min_length=1)
+    partitions: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    key: str = ""
+    value_schema: str = ""
+    config: dict[str, str | int] = Field(default_factory=dict)
+
+
+class _Topics(Strict):
+    events: _Topic
+    dlq: _Topic
+    triggers: _Topic
+    triggers_holdout: _Topic
+    segments: _Topic
+
+
+class _File(Strict):
+    topics: _Topics
+
+
 def load_topics(settings: Settings, path: Path = TOPICS_FILE) -> dict[str, TopicSpec]:
     """The declared topics by role, names overridden by the TOPIC_* settings."""
     try:
-        raw = tomllib.loads(path.read_text())["topics"]
-    except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read topic definitions: {exc}") from exc
+    try:
+        parsed = validate(_File, raw)
+    except TomlError as exc:
+        raise ConfigError(f"{path}:{exc.where}", exc.problem) from exc
     specs: dict[str, TopicSpec] = {}
     for role in ROLES:
-        if role not in raw:
-            raise ConfigError(f"{path}:topics.{role}", "missing")
-        entry: dict[str, Any] = raw[role]
-        name = getattr(settings, f"topic_{role}")
-        partitions = int(entry.get("partitions", 1))
-        if partitions < 1:
-            raise ConfigError(f"{path}:topics.{role}.partitions", "must be >= 1")
+        entry: _Topic = getattr(parsed.topics, role)
         specs[role] = TopicSpec(
             role=role,
-            name=name,
-            partitions=partitions,
-            replication_factor=int(entry.get("replication_factor", 1)),
-            key=str(entry.get("key", "")),
-            value_schema=str(entry.get("value_schema", "")),
-            config={str(k): str(v) for k, v in entry.get("config", {}).items()},
+            name=getattr(settings, f"topic_{role}"),
+            partitions=entry.partitions,
+            replication_factor=entry.replication_factor,
+            key=entry.key,
+            value_schema=entry.value_schema,
+            config={k: str(v) for k, v in entry.config.items()},
         )
     return specs
 

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from stream_app.errors import StreamAppError
 from stream_app.profile import ProfileRules
 from stream_app.segments.facts import DAY_MS, FACTS
+from stream_app.tomlmodels import Strict, TomlError, validate
 
 DEFAULT_MAX_SEGMENTS = 20
 _UNITS = {"m": 60_000, "h": 3_600_000, "d": DAY_MS, "w": 7 * DAY_MS}
@@ -579,28 +582,34 @@ class SegmentSet:
         return tuple(sorted(first)), tuple(sorted(last)), sessions
 
 
+class _Segment(Strict):
+    when: str
+    description: str = ""
+    requires: list[str] = Field(default_factory=list)
+
+
+class _SegmentsFile(Strict):
+    segments: dict[str, _Segment] = Field(default_factory=dict)
+
+
 def load_segments(path: Path, max_segments: int = DEFAULT_MAX_SEGMENTS) -> SegmentSet:
     """Read and validate a segments TOML file; any mistake raises RuleError naming the segment."""
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RuleError(str(path), f"cannot read the segments file: {exc}") from exc
+    try:
+        parsed = validate(_SegmentsFile, raw)
+    except TomlError as exc:  # "segments.<name>": the segment at fault
+        name = exc.where.split(".")[1] if exc.where.startswith("segments.") else exc.where
+        raise RuleError(name, exc.problem) from exc
     definitions = []
-    for name, entry in raw.get("segments", {}).items():
+    for name, entry in parsed.segments.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise RuleError(name, "segment names are lower_snake_case")
-        if not isinstance(entry, dict) or not isinstance(entry.get("when"), str):
-            raise RuleError(name, 'needs a `when = "..."` rule')
-        requires = entry.get("requires", [])
-        if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
-            raise RuleError(name, "`requires` must be a list of segment names")
         definitions.append(
             SegmentDefinition(
-                name,
-                str(entry.get("description", "")),
-                entry["when"],
-                parse_rule(name, entry["when"]),
-                tuple(requires),
+                name, entry.description, entry.when, parse_rule(name, entry.when), tuple(entry.requires)
             )
         )
     return SegmentSet(definitions, max_segments)

@@ -10,9 +10,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
 
 from stream_app.errors import StreamAppError
+from stream_app.tomlmodels import Strict, TomlError, validate
 
 TRIGGER_TYPES = (
     "stalled_step",
@@ -21,21 +24,6 @@ TRIGGER_TYPES = (
     "repeated_help_views",
     "segment_entered",
 )
-_COMMON_KEYS = {"enabled", "cooldown", "reeligible_after", "holdout", "actions"}
-_TYPE_KEYS: dict[str, set[str]] = {
-    "stalled_step": {
-        "multiplier",
-        "min_samples",
-        "default_mean",
-        "default_mean_by_step",
-        "min_threshold",
-        "max_threshold",
-    },
-    "onboarding_abandoned": {"after"},
-    "onboarding_completed": set(),
-    "repeated_help_views": {"min_views"},
-    "segment_entered": set(),
-}
 
 
 class TriggerConfigError(StreamAppError):
@@ -96,35 +84,71 @@ class TriggerConfig:
         return t if t is not None and t.enabled else None
 
 
-def _number(where: str, key: str, value: Any, low: float = 0.0, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TriggerConfigError(where, f"`{key}` must be a number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-        raise TriggerConfigError(where, f"`{key}` must be {bound}, got {value!r}")
-    return float(value)
+class _Action(Strict):
+    action: dict[str, Any]
+    segment: str | None = None
+    cluster: str | None = None
+
+    @field_validator("action")
+    @classmethod
+    def _kind(cls, action: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(action.get("kind"), str):
+            raise ValueError("`action.kind` (a string) is required")
+        return action
 
 
-def _actions(where: str, raw: Any) -> tuple[ActionRule, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise TriggerConfigError(where, "`actions` must be an array of tables ([[...actions]])")
-    rules = []
-    for i, entry in enumerate(raw):
-        at = f"{where}.actions[{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("action"), dict):
-            raise TriggerConfigError(at, "needs `action = { kind = ... }`")
-        unknown = set(entry) - {"action", "segment", "cluster"}
-        if unknown:
-            raise TriggerConfigError(at, f"unknown keys {sorted(unknown)}")
-        if not isinstance(entry["action"].get("kind"), str):
-            raise TriggerConfigError(at, "`action.kind` (a string) is required")
-        for key in ("segment", "cluster"):
-            if key in entry and not isinstance(entry[key], str):
-                raise TriggerConfigError(at, f"`{key}` must be a string")
-        rules.append(ActionRule(dict(entry["action"]), entry.get("segment"), entry.get("cluster")))
-    return tuple(rules)
+class _Type(Strict):
+    enabled: bool = True
+    cooldown: float = Field(0, ge=0)
+    reeligible_after: float | None = Field(None, ge=0)
+    holdout: float = Field(0.0, ge=0, le=1)
+    actions: list[_Action] = Field(default_factory=list)
+
+
+class _Stalled(_Type):
+    multiplier: float = Field(2.0, ge=1)
+    min_samples: int = Field(20, ge=1)
+    default_mean: float = Field(300, gt=0)
+    default_mean_by_step: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    min_threshold: float = Field(30, ge=0)
+    max_threshold: float = Field(86_400, ge=0)
+
+    @field_validator("default_mean_by_step")
+    @classmethod
+    def _steps(cls, by_step: dict[str, float]) -> dict[str, float]:
+        for key in by_step:
+            if "/" not in key:
+                raise ValueError(f"{key!r} is not 'flow/step'")
+        return by_step
+
+    @model_validator(mode="after")
+    def _clamp(self) -> _Stalled:
+        if self.max_threshold < self.min_threshold:
+            raise ValueError("`max_threshold` is below `min_threshold`")
+        return self
+
+
+class _Abandoned(_Type):
+    after: float = Field(86_400, ge=1)
+
+
+class _HelpViews(_Type):
+    min_views: int = Field(3, ge=1)
+
+
+class _Limits(Strict):
+    cap_per_day: int = Field(3, ge=0)
+    max_delay: float = Field(86_400, ge=1)
+    allowed_lateness: float = Field(5, ge=0)
+
+
+class _File(Strict):
+    limits: _Limits = Field(default_factory=_Limits)
+    stalled_step: _Stalled | None = None
+    onboarding_abandoned: _Abandoned | None = None
+    onboarding_completed: _Type | None = None
+    repeated_help_views: _HelpViews | None = None
+    segment_entered: _Type | None = None
 
 
 def parse_config(
@@ -136,80 +160,47 @@ def parse_config(
         raise TriggerConfigError(
             sorted(unknown)[0], f"unknown table; trigger types are {', '.join(TRIGGER_TYPES)}"
         )
+    document = dict(raw)
+    stall_raw = dict(document.get("stalled_step") or {})
+    set_stall = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if set_stall:
+        document["stalled_step"] = {**stall_raw, **set_stall}
+    try:
+        parsed = validate(_File, document)
+    except TomlError as exc:
+        raise TriggerConfigError(exc.where, exc.problem) from exc
     types: dict[str, TriggerType] = {}
     for name in TRIGGER_TYPES:
-        table = raw.get(name)
-        if table is None:
+        table: _Type | None = getattr(parsed, name)
+        if table is None or (name == "stalled_step" and "stalled_step" not in raw):
             types[name] = TriggerType(name, enabled=False)
             continue
-        if not isinstance(table, dict):
-            raise TriggerConfigError(name, "must be a table")
-        bad = set(table) - _COMMON_KEYS - _TYPE_KEYS[name]
-        if bad:
-            raise TriggerConfigError(name, f"unknown keys {sorted(bad)}")
-        enabled = table.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise TriggerConfigError(name, "`enabled` must be true or false")
-        reeligible = table.get("reeligible_after")
         types[name] = TriggerType(
             name,
-            enabled,
-            int(_number(name, "cooldown", table.get("cooldown", 0)) * 1000),
-            None if reeligible is None else int(_number(name, "reeligible_after", reeligible) * 1000),
-            _number(name, "holdout", table.get("holdout", 0.0), 0.0, 1.0),
-            _actions(name, table.get("actions")),
+            table.enabled,
+            int(table.cooldown * 1000),
+            None if table.reeligible_after is None else int(table.reeligible_after * 1000),
+            table.holdout,
+            tuple(ActionRule(dict(a.action), a.segment, a.cluster) for a in table.actions),
         )
-    stall_raw = dict(raw.get("stalled_step") or {})
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            stall_raw[key] = value
-    by_step = stall_raw.get("default_mean_by_step", {})
-    if not isinstance(by_step, dict):
-        raise TriggerConfigError("stalled_step", "`default_mean_by_step` must be a table of seconds")
-    for key in by_step:
-        if "/" not in key:
-            raise TriggerConfigError("stalled_step.default_mean_by_step", f"{key!r} is not 'flow/step'")
+    st = parsed.stalled_step or _Stalled()
     stall = StallSettings(
-        multiplier=_number("stalled_step", "multiplier", stall_raw.get("multiplier", 2.0), 1.0),
-        min_samples=int(_number("stalled_step", "min_samples", stall_raw.get("min_samples", 20), 1)),
-        default_mean_s=_number("stalled_step", "default_mean", stall_raw.get("default_mean", 300), 0.001),
-        default_mean_by_step={
-            k: _number("stalled_step.default_mean_by_step", k, v, 0.001) for k, v in by_step.items()
-        },
-        min_threshold_s=_number("stalled_step", "min_threshold", stall_raw.get("min_threshold", 30)),
-        max_threshold_s=_number("stalled_step", "max_threshold", stall_raw.get("max_threshold", 86_400)),
+        multiplier=st.multiplier,
+        min_samples=st.min_samples,
+        default_mean_s=st.default_mean,
+        default_mean_by_step=dict(st.default_mean_by_step),
+        min_threshold_s=st.min_threshold,
+        max_threshold_s=st.max_threshold,
     )
-    if stall.max_threshold_s < stall.min_threshold_s:
-        raise TriggerConfigError("stalled_step", "`max_threshold` is below `min_threshold`")
-    limits = raw.get("limits") or {}
-    bad = set(limits) - {"cap_per_day", "max_delay", "allowed_lateness"}
-    if bad:
-        raise TriggerConfigError("limits", f"unknown keys {sorted(bad)}")
+    limits = parsed.limits
     return TriggerConfig(
         types=types,
         stall=stall,
-        abandon_after_ms=int(
-            _number(
-                "onboarding_abandoned",
-                "after",
-                (raw.get("onboarding_abandoned") or {}).get("after", 86_400),
-                1,
-            )
-            * 1000
-        ),
-        help_min_views=int(
-            _number(
-                "repeated_help_views",
-                "min_views",
-                (raw.get("repeated_help_views") or {}).get("min_views", 3),
-                1,
-            )
-        ),
-        cap_per_day=int(_number("limits", "cap_per_day", limits.get("cap_per_day", 3))),
-        max_delay_ms=int(_number("limits", "max_delay", limits.get("max_delay", 86_400), 1) * 1000),
-        allowed_lateness_ms=int(
-            _number("limits", "allowed_lateness", limits.get("allowed_lateness", 5)) * 1000
-        ),
+        abandon_after_ms=int((parsed.onboarding_abandoned or _Abandoned()).after * 1000),
+        help_min_views=(parsed.repeated_help_views or _HelpViews()).min_views,
+        cap_per_day=limits.cap_per_day,
+        max_delay_ms=int(limits.max_delay * 1000),
+        allowed_lateness_ms=int(limits.allowed_lateness * 1000),
     )
 
 

@@ -112,7 +112,11 @@ async def test_completion_cancels_the_stall() -> None:
     done = await process(
         p, records(track("Onboarding Step Completed", "c1", at=30, flow="signup", step="profile"))
     )
-    assert done.deadlines[0]["u1"] != T0 + 120_000  # the next deadline is no longer the stall
+    doc = await store.get("u1")
+    assert doc is not None
+    # the next deadline is no longer the stall: it is when a time-relative segment can flip
+    flip = load_segments(CONFIG_DIR / "segments.toml").next_change_ms(doc, T0 + 30_000)
+    assert flip is not None and done.deadlines[0]["u1"] == flip != T0 + 120_000
     fired = await fire(p, [("u1", T0 + 120_000)], T0 + 200_000)
     assert sent(fired, TRIGGERS) == []
 

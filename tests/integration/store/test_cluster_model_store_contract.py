@@ -12,10 +12,8 @@ from stream_app.store.keys import Keys
 from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> ClusterModelStore:
-    if request.param == "memory":
-        return InMemoryClusterModelStore()
     client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
     return RedisClusterModelStore(client, Keys("cm"))
 

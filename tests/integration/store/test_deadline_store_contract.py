@@ -9,10 +9,8 @@ from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, Red
 from stream_app.store.keys import Keys
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> DeadlineStore:
-    if request.param == "memory":
-        return InMemoryDeadlineStore()
     client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
     return RedisDeadlineStore(client, Keys("dl"), "onboarding.events")
 

@@ -10,10 +10,8 @@ from stream_app.store.keys import USER_KEY_KINDS, Keys
 from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisProfileStore, Write
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> ProfileStore:
-    if request.param == "memory":
-        return InMemoryProfileStore()
     client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
     return RedisProfileStore(client, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
 

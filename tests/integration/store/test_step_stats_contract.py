@@ -14,10 +14,8 @@ from stream_app.store.keys import Keys
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> StepStatsStore:
-    if request.param == "memory":
-        return InMemoryStepStatsStore()
     client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
     return RedisStepStatsStore(client, Keys("st"), dedup_window_seconds=3600)
 

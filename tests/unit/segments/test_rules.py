@@ -281,3 +281,16 @@ def test_lifecycle_rules_flip_at_the_configured_thresholds_not_fixed_ones() -> N
     assert segments.next_change_ms(p, later, rules) == last + 10 * DAY_MS + 1
     assert "sleepy" not in segments.evaluate(profile_facts(p, last + 10 * DAY_MS, rules))
     assert "sleepy" in segments.evaluate(profile_facts(p, last + 10 * DAY_MS + 1, rules))
+
+
+def test_file_mistakes_name_the_segment_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[segments.a]\nwhen = "sessions > 1"\ncolour = "red"\n')
+    with pytest.raises(RuleError, match=r"segment 'a'.*unknown keys \['colour'\]"):
+        load_segments(path)
+    path.write_text('[segments.a]\ndescription = "no rule"\n')
+    with pytest.raises(RuleError, match="segment 'a'.*needs `when`"):
+        load_segments(path)
+    path.write_text('[segments.a]\nwhen = "sessions > 1"\nrequires = "b"\n')
+    with pytest.raises(RuleError, match="segment 'a'.*`requires` must be a list"):
+        load_segments(path)
