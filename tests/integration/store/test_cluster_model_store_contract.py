@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from stream_app.segments.assign import Snapshot
 from stream_app.store.keys import Keys
-from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
+from stream_app.store.models import ClusterModelStore, RedisClusterModelStore
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore, SweepState
+from stream_app.store.deadlines import DeadlineStore, RedisDeadlineStore, SweepState
 from stream_app.store.keys import Keys
 
 

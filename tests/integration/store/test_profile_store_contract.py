@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 
 from stream_app.profile import new_profile
 from stream_app.store.keys import USER_KEY_KINDS, Keys
-from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisProfileStore, Write
+from stream_app.store.profiles import ProfileStore, RedisProfileStore, Write
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

@@ -289,8 +289,8 @@ def test_file_mistakes_name_the_segment_and_key(tmp_path: Path) -> None:
     with pytest.raises(RuleError, match=r"segment 'a'.*unknown keys \['colour'\]"):
         load_segments(path)
     path.write_text('[segments.a]\ndescription = "no rule"\n')
-    with pytest.raises(RuleError, match="segment 'a'.*needs `when`"):
+    with pytest.raises(RuleError, match=r"segment 'a'.*needs `when`"):
         load_segments(path)
     path.write_text('[segments.a]\nwhen = "sessions > 1"\nrequires = "b"\n')
-    with pytest.raises(RuleError, match="segment 'a'.*`requires` must be a list"):
+    with pytest.raises(RuleError, match=r"segment 'a'.*`requires` must be a list"):
         load_segments(path)

@@ -14,8 +14,14 @@ from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.store.step_stats import InMemoryStepStatsStore
 from tests.integration.store import (
     test_cluster_model_store_contract as models_contract,
+)
+from tests.integration.store import (
     test_deadline_store_contract as deadlines_contract,
+)
+from tests.integration.store import (
     test_profile_store_contract as profiles_contract,
+)
+from tests.integration.store import (
     test_step_stats_contract as stats_contract,
 )
 
