@@ -29,6 +29,30 @@ from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis, Embe
 BACKENDS = ["embedded", "kafka", "containers"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "brokers(*names): the test does not depend on the broker's kind; run it on these backends only",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the other backends' runs of a test marked ``brokers(...)`` (broker-independent)."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("brokers")
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("services") if callspec is not None else None
+        if marker is not None and backend is not None and backend not in marker.args:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @dataclass(frozen=True)
 class Services:
     backend: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
 import faust
@@ -159,6 +160,25 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             runtime.metrics.store_errors.labels(type(exc).__name__).inc()
             log.warning(
                 "timer pass failed; due deadlines stay and are retried", extra={"error": repr(exc)[:300]}
+            )
+
+    @app.timer(interval=5.0)
+    async def _watchdog() -> None:
+        """A batch in flight far longer than its attempts may take: say where every task waits."""
+        busy = runtime.batches.busy_since
+        limit = 3 * settings.batch_attempt_timeout_seconds
+        if busy is not None and time.monotonic() - busy > limit:
+            stacks = [
+                f"{task.get_name()}: "
+                + " <- ".join(
+                    f"{f.f_code.co_name}@{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}"
+                    for f in task.get_stack(limit=8)
+                )
+                for task in asyncio.all_tasks()
+            ]
+            log.error(
+                "a batch has not finished for a long time",
+                extra={"seconds": round(time.monotonic() - busy), "tasks": stacks[:60]},
             )
 
     events_name = stores.topics["events"].name

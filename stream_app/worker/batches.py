@@ -50,10 +50,12 @@ class BatchRunner:
         self.deadlines, self.watermarks, self.baselines = deadlines, watermarks, baselines
         self.clusters, self.sizes, self.metrics, self.lock = clusters, sizes, metrics, lock
         self.next_offsets: dict[int, int] = {}  # events partition -> next offset to process
+        self.busy_since: float | None = None  # monotonic start of the batch being handled
 
     async def handle(self, records: list[Record]) -> BatchOutcome:
         """Process one batch until it succeeds. Outages pause here; nothing is acked meanwhile."""
         started = time.perf_counter()
+        self.busy_since = time.monotonic()
         delay = 0.1
         while True:
             try:
@@ -72,6 +74,7 @@ class BatchRunner:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_seconds)
+        self.busy_since = None
         self._count(records, outcome, time.perf_counter() - started)
         return outcome
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +60,17 @@ class WorkerHandle(EngineProcess, _HttpChecks):
         super().start()
         self.wait_ready(90)
         return self
+
+    def tail(self, lines: int = 30) -> str:
+        """The last log lines and, while it runs, where its tasks are (py-spy), for a failure."""
+        text = super().tail(lines)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if self.alive and Path(spy).exists():
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(self.pid)], capture_output=True, text=True, timeout=30
+            )
+            text += "\n--- py-spy dump of the worker ---\n" + (dump.stdout or dump.stderr)[-6000:]
+        return text
 
     def wait_http(self, path: str, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout

@@ -122,6 +122,7 @@ def read_dlq(deployment: Deployment) -> list[Any]:
     return out
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_bad_requests_get_clear_errors_and_bad_events_reach_the_dead_letter_topic(
     deployment: Deployment, worker_factory: Any, collector_factory: Any
 ) -> None:
@@ -190,6 +191,7 @@ def need_node_modules() -> None:
         pytest.skip(f"npm packages not installed: run `npm ci` in {JS_DIR} (.ci/deps does)")
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_analytics_node_feeds_profiles_through_the_collector(
     deployment: Deployment, worker_factory: Any, collector_factory: Any
 ) -> None:
@@ -269,6 +271,7 @@ def run_page(url: str, tmp_path: Path) -> str:
     return html.unescape(dom.split('<pre id="log">', 1)[1].split("</pre>", 1)[0])
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_a_browser_page_on_another_origin_sends_through_cors(
     deployment: Deployment, worker_factory: Any, collector_factory: Any, tmp_path: Path
 ) -> None:
@@ -294,6 +297,7 @@ def test_a_browser_page_on_another_origin_sends_through_cors(
         page.close()
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_a_page_from_a_disallowed_origin_gets_nothing_in(
     deployment: Deployment, worker_factory: Any, collector_factory: Any, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ TRAITS = {
 SECRETS = ("Jane", "Doe", "Main St", "Springfield", "12345", "555 0100", "example.com")
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_no_raw_pii_is_stored_or_served_and_a_poison_trait_breaks_nothing(
     deployment: Deployment, worker_factory: Any
 ) -> None:

@@ -320,6 +320,7 @@ def test_sigkill_mid_stream_and_restart_loses_nothing_and_double_counts_nothing(
     assert settled(stored_profiles(deployment, user_ids)) == settled({pid: expected[pid] for pid in user_ids})
 
 
+@pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
 def test_erased_user_is_gone_everywhere(deployment: Deployment, worker_factory: Any) -> None:
     worker = worker_factory().start()
     events = synthetic_events(users=3, seed=5, start_ms=1_795_000_000_000)
