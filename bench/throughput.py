@@ -220,6 +220,7 @@ def main() -> None:
             APP_ID=f"bench-{uuid.uuid4().hex[:6]}",
             LOG_LEVEL="WARNING",
             REDIS_KEY_PREFIX="bench",
+            PII_HASH_SALT="bench-salt",
         )
         from stream_app.settings import Settings
         from stream_app.topics import apply_topics

@@ -173,6 +173,7 @@ def main() -> None:
             TOPIC_DLQ=f"dlq-{tag}",
             TRIGGERS_FILE=str(config),
             LOG_LEVEL="WARNING",
+            PII_HASH_SALT="bench-salt",
         )
         settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
         apply_topics(settings, broker.bootstrap)

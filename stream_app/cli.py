@@ -28,7 +28,12 @@ DEMO_STATE = Path(".stream-app") / "demo.json"
 CONFIG_HELP = """configuration (environment variables; see README for all):
   KAFKA_BOOTSTRAP_SERVERS  host:port[,host:port] of the Kafka cluster
   REDIS_URL                redis://host:port/db of the profile store (REDIS_CLUSTER=true for Cluster)
-  WEB_PORT                 port of the worker's HTTP server (/profiles/<id>, /metrics, /healthz)
+  PII_HASH_SALT            secret salt of email/phone hashes (required: the default is refused)
+  WEB_HOST, WEB_PORT       the worker's HTTP server (/profiles/<id>, /stats/steps, /metrics,
+                           /healthz liveness, /readyz readiness)
+  API_TOKENS               bearer tokens for /profiles and /stats (required unless WEB_HOST is
+                           loopback)
+  SHUTDOWN_TIMEOUT_SECONDS SIGTERM exits within this long (default 20), broker or Redis gone
   KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD,
   KAFKA_SSL_CAFILE ...     passed through to the Kafka clients
 """
@@ -42,19 +47,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         for line in apply_topics(settings, bootstrap):
             print(line, file=sys.stderr)
-    import faust
-
     from stream_app.logs import setup_logging
     from stream_app.worker.app import create_app
+    from stream_app.worker.shutdown import Worker
 
     setup_logging(settings.log_level, settings.log_format)
 
     app, _runtime = create_app(settings)
-    worker = faust.Worker(
+    worker = Worker(
         app,
         loglevel=settings.log_level,
         override_logging=False,  # our JSON handler (set up above) stays the only one
         quiet=True,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
     )
     worker.execute_from_commandline()
     return 0

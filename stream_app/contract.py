@@ -33,6 +33,8 @@ from stream_app.privacy import TraitsPolicy, apply_policy, shipped_policy
 
 EVENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_ID_LENGTH = 256
+#: flow, step and feature names become keys and statistics rows: longer ones are dead-lettered
+MAX_NAME_LENGTH = 128
 
 STEP_STARTED = "Onboarding Step Started"
 STEP_COMPLETED = "Onboarding Step Completed"
@@ -65,6 +67,7 @@ class Reason(StrEnum):
     WRONG_TYPE = "wrong_type"
     MISSING_FIELD = "missing_field"
     BLOCKED_ID = "blocked_id"
+    TOO_LONG = "too_long"
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +408,11 @@ def _parse_object(
                 return Invalid(Reason.MISSING_FIELD, f"{event_name!r} needs properties.{prop}")
             if not isinstance(value, str):
                 return _wrong(f"properties.{prop}", "a string")
+            if len(value) > MAX_NAME_LENGTH:
+                return Invalid(
+                    Reason.TOO_LONG,
+                    f"properties.{prop} is {len(value)} characters; at most {MAX_NAME_LENGTH}",
+                )
     elif "event" in doc:  # the schema types `event` on every event, even where the engine ignores it
         checked_event = _required_str(doc, "event", Reason.WRONG_TYPE, "event must be a string")
         if isinstance(checked_event, Invalid):

@@ -55,7 +55,7 @@ class IdentityLinker:
         for source, target in unique:
             self.forget(source)
             self.forget(target)
-        targets = await self.store.load({t: [] for _s, t in unique})
+        targets = self.outbox.learn(await self.store.load({t: [] for _s, t in unique}))
         todo = [
             (s, t)
             for s, t in unique
@@ -86,7 +86,7 @@ class IdentityLinker:
         tombstone then redirects them when they come.
         """
         for _attempt in range(MAX_CAS_ATTEMPTS):
-            loaded = await self.store.load({source: [], target: []})
+            loaded = self.outbox.learn(await self.store.load({source: [], target: []}))
             src, tgt = loaded[source], loaded[target]
             if is_tombstone(tgt.doc):
                 target = tgt.doc["merged_into"]

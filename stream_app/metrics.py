@@ -124,12 +124,21 @@ class Metrics:
         )
         self.store_errors = Counter(
             "onboarding_store_errors_total",
-            "Failed attempts to reach a store or the broker; the batch is retried, nothing is acked.",
-            ["store"],
+            "Failed attempts to reach a store (store=redis|kafka|other) by error class; the work is "
+            "retried, nothing is acked meanwhile.",
+            ["store", "error"],
             registry=r,
         )
         self.dead_letters_published = Counter(
             "onboarding_dead_letters_published_total", "Records written to the dead-letter topic.", registry=r
+        )
+        self.input_bounded = Counter(
+            "onboarding_input_bounded_total",
+            "Input not kept because it would grow state past a bound: what=flows (per profile, "
+            "MAX_FLOWS), steps (per flow, MAX_STEPS_PER_FLOW), step_stats_rows (in total, "
+            "STEP_STATS_MAX_ROWS). The events still count in the profile's event totals.",
+            ["what"],
+            registry=r,
         )
         self.step_stats_updates = Counter(
             "onboarding_step_stats_contributions_total",
@@ -138,6 +147,31 @@ class Metrics:
         )
         self.last_batch_unixtime = Gauge(
             "onboarding_last_batch_timestamp_seconds", "Unix time the last batch finished.", registry=r
+        )
+        # --- lag and health --------------------------------------------------------------------
+        self.consumer_lag_records = Gauge(
+            "onboarding_consumer_lag_records",
+            "Records of an owned events partition not yet processed (position=processed) or not yet "
+            "committed (position=committed): its log-end offset minus that position.",
+            ["partition", "position"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "onboarding_consumer_lag_seconds",
+            "Age of the oldest unprocessed record of an owned events partition (0 when caught up), "
+            "estimated from the log-end offsets sampled every second.",
+            ["partition"],
+            registry=r,
+        )
+        self.batch_retrying_seconds = Gauge(
+            "onboarding_batch_retrying_seconds",
+            "How long the batch in hand has been failing and retrying (0: no batch is failing).",
+            registry=r,
+        )
+        self.redis_out_of_memory = Gauge(
+            "onboarding_redis_out_of_memory",
+            "1 while Redis refuses writes with OOM (maxmemory reached under noeviction), else 0.",
+            registry=r,
         )
         # --- segments and clusters ---------------------------------------------------------
         self.segment_changes = Counter(
@@ -166,6 +200,11 @@ class Metrics:
             "onboarding_cluster_sweep_partitions_behind",
             "Owned partitions whose members are not yet all checked against the latest model's sweep "
             "version.",
+            registry=r,
+        )
+        self.cluster_model_created = Gauge(
+            "onboarding_cluster_model_created_timestamp_seconds",
+            "Unix time the cluster model snapshot in use was trained (alert when it stops moving).",
             registry=r,
         )
         self.cluster_model_version = Gauge(
@@ -205,6 +244,20 @@ class Metrics:
             "Wall clock minus the event-time watermark, worst owned partition.",
             registry=r,
         )
+
+    def store_error(self, exc: BaseException) -> None:
+        """Count a failed attempt, labelled with the store it came from and the error class."""
+        from redis.exceptions import RedisError
+
+        from stream_app.errors import ContentionError
+
+        if isinstance(exc, RedisError | ContentionError):
+            store = "redis"
+        elif type(exc).__module__.split(".")[0] in {"aiokafka", "confluent_kafka", "faust", "mode"}:
+            store = "kafka"
+        else:
+            store = "other"
+        self.store_errors.labels(store, type(exc).__name__).inc()
 
 
 class CollectorMetrics:

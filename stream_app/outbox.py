@@ -7,9 +7,12 @@ went out must not be repeated forever, so:
 
 * :class:`Outbox` remembers which stored outboxes this process has published (by
   :func:`outbox_key`, the ids of its messages);
-* a loaded document whose outbox this process does not know as published (a restart,
-  another worker) is queued again (:meth:`Outbox.unpublished`): sent again with the same
-  ids, which consumers deduplicate;
+* once published, the outbox's key is also recorded on the stored profile
+  (``ProfileStore.mark_published``); a process loading the profile learns it
+  (:meth:`Outbox.learn`), so a restart, a rebalance or a rolling deploy sends nothing twice;
+* a loaded document whose outbox is not known as published (the process that wrote it
+  died between the write and the publish, or before recording it) is queued again
+  (:meth:`Outbox.unpublished`): sent again with the same ids, which consumers deduplicate;
 * when a reaction replaces the stored outbox before that happened, the messages not known
   to be published are carried into the new one (:meth:`Outbox.carry`), so a second crash
   cannot lose them either.
@@ -20,9 +23,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from stream_app.profile import Profile
+
+
+class _Published(Protocol):
+    @property
+    def published(self) -> str | None: ...
+
+
+L = TypeVar("L", bound=_Published)
 
 Kind = Literal["segments", "triggers", "holdout"]
 SEGMENTS: Kind = "segments"
@@ -82,6 +93,11 @@ class Outbox:
 
     def published(self, key: str | None) -> bool:
         return key is not None and key in self._published
+
+    def learn(self, loaded: Mapping[str, L]) -> Mapping[str, L]:
+        """Take note of the outboxes loaded profiles record as published (by any process)."""
+        self.mark_published([entry.published for entry in loaded.values() if entry.published])
+        return loaded
 
     def mark_published(self, keys: Sequence[str]) -> None:
         for key in keys:

@@ -41,6 +41,7 @@ from stream_app.linking import MAX_CAS_ATTEMPTS, IdentityLinker
 from stream_app.metrics import Metrics
 from stream_app.outbox import Outbox, OutboxMessage, outbox_key
 from stream_app.profile import (
+    Bounded,
     Effect,
     EraseRequested,
     Profile,
@@ -80,16 +81,17 @@ class Reactions:
     """What writes caused: messages to publish before acking, and what to count about them."""
 
     outbox: list[OutboxMessage] = field(default_factory=list)
-    outbox_keys: list[str] = field(default_factory=list)  # mark published once published
+    #: (profile id, outbox key) of the stored outboxes sent here: marked published once sent
+    outbox_keys: list[tuple[str, str]] = field(default_factory=list)
     suppressed: list[tuple[str, str]] = field(default_factory=list)  # (trigger type, reason)
     cluster_moves: int = 0
     size_deltas: dict[str, int] = field(default_factory=dict)  # "rule:<segment>" / "cluster:<name>" -> +-n
 
-    def queue(self, unpublished: list[OutboxMessage], key: str | None) -> None:
+    def queue(self, pid: str, unpublished: list[OutboxMessage], key: str | None) -> None:
         """A stored outbox not known to be published: send it again (same ids)."""
         if key is not None:
             self.outbox.extend(unpublished)
-            self.outbox_keys.append(key)
+            self.outbox_keys.append((pid, key))
 
     def settle(self, doc: Profile, reaction: Reaction | None) -> None:
         """A written reaction: its messages go out, its changes move the counts."""
@@ -98,7 +100,7 @@ class Reactions:
         self.outbox.extend(reaction.outbox)
         key = outbox_key(doc)
         if key is not None and reaction.outbox:
-            self.outbox_keys.append(key)
+            self.outbox_keys.append((str(doc["user_id"]), key))
         self.suppressed.extend(reaction.suppressed)
         for message in reaction.outbox:
             if "change" in message.value:
@@ -191,8 +193,10 @@ class EventProcessor:
     def _forget(self, pid: str) -> None:
         self.cache.pop(pid, None)
 
-    def mark_published(self, keys: Sequence[str]) -> None:
-        self.outbox.mark_published(keys)
+    def mark_published(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Note (profile id, outbox key) pairs as published in this process (the Publisher
+        also records them in the store)."""
+        self.outbox.mark_published([key for _pid, key in keys])
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -219,6 +223,9 @@ class EventProcessor:
             partitions[ev.profile_id] = rec.partition
         await self._apply(by_target, outcome, partitions)
 
+        for effect in outcome.effects:
+            if isinstance(effect, Bounded):
+                self.metrics.input_bounded.labels(effect.what).inc()
         durations = [e for e in outcome.effects if isinstance(e, StepDuration)]
         if durations and self.step_stats is not None:
             await self.step_stats(durations)
@@ -266,7 +273,7 @@ class EventProcessor:
         gone from this partition and listed in ``outcome.departed``). Users whose write
         conflicted are left out: the next pass looks again.
         """
-        loaded = await self.store.load({user: [] for user in users})
+        loaded = self.outbox.learn(await self.store.load({user: [] for user in users}))
         writes: list[Write] = []
         reactions: dict[str, Reaction | None] = {}
         settled: dict[str, int | None] = {}
@@ -281,7 +288,7 @@ class EventProcessor:
                 settled[user] = None
                 continue
             unpublished, key = self.outbox.unpublished(doc)
-            outcome.queue(unpublished, key)
+            outcome.queue(user, unpublished, key)
             reaction = self._react(doc, user, to_user(doc, now_ms))
             Outbox.carry(doc, unpublished)
             reactions[user] = reaction
@@ -360,7 +367,7 @@ class EventProcessor:
         }
         to_read = {pid: [e.message_id for e in evs] for pid, evs in pending.items() if pid not in loaded}
         if to_read:
-            loaded.update(await self.store.load(to_read))
+            loaded.update(self.outbox.learn(await self.store.load(to_read)))
         self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
         return loaded
 
@@ -383,7 +390,7 @@ class EventProcessor:
         note_offset(doc, applied)
         prior = Reactions()
         unpublished, key = self.outbox.unpublished(doc)
-        prior.queue(unpublished, key)
+        prior.queue(pid, unpublished, key)
         old_partition = (doc.get("engine") or {}).get("partition")
         applied_ts = [ev.ts_ms for ev in applied]
         now_ms = max(applied_ts) if applied_ts else (doc.get("last_seen_ms") or int(self.clock() * 1000))

@@ -32,6 +32,8 @@ MAX_EVENT_NAMES = 100
 MAX_FEATURES = 200
 MAX_RECENT_SESSIONS = 20  # enough for sessions-per-week; each costs ~14 bytes per write
 MAX_GROUPS = 10
+MAX_FLOWS = 20  # onboarding flows tracked per profile; events of further flows are counted only
+MAX_STEPS_PER_FLOW = 50  # distinct steps tracked per flow; further step names are counted only
 OTHER = "(other)"
 SESSION_START_MERGE_MS = 60_000
 
@@ -64,7 +66,14 @@ class EraseRequested:
     profile_id: str
 
 
-Effect = StepDuration | EraseRequested
+@dataclass(frozen=True, slots=True)
+class Bounded:
+    """Input that would grow the profile past a bound (a new flow or step name) was not kept."""
+
+    what: str  # "flows" | "steps"
+
+
+Effect = StepDuration | EraseRequested | Bounded
 
 
 def new_profile(profile_id: str) -> Profile:
@@ -178,10 +187,13 @@ def _apply_group(doc: Profile, event: Event) -> None:
         entry["updated_ms"] = event.ts_ms
 
 
-def _flow(doc: Profile, flow: str, ts: int) -> dict[str, Any]:
+def _flow(doc: Profile, flow: str, ts: int) -> dict[str, Any] | None:
+    """The flow's state, created on first sight; None once the profile tracks MAX_FLOWS flows."""
     flows: dict[str, dict[str, Any]] = doc["onboarding"]
     state = flows.get(flow)
     if state is None:
+        if len(flows) >= MAX_FLOWS:
+            return None
         state = flows[flow] = {
             "status": "in_progress",
             "started_ms": ts,
@@ -201,7 +213,11 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
     _bump(doc["events"], name, MAX_EVENT_NAMES)
     if name == STEP_STARTED:
         state = _flow(doc, props["flow"], ts)
+        if state is None:
+            return [Bounded("flows")]
         step = props["step"]
+        if step not in state["completed_steps"] and len(state["completed_steps"]) >= MAX_STEPS_PER_FLOW:
+            return [Bounded("steps")]
         current_started = state["current_step_started_ms"]
         if step not in state["completed_steps"] and (current_started is None or ts >= current_started):
             state["current_step"] = step
@@ -210,6 +226,8 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
         return _complete_step(doc, event)
     elif name == ONBOARDING_COMPLETED:
         state = _flow(doc, props["flow"], ts)
+        if state is None:
+            return [Bounded("flows")]
         state["status"] = "completed"
         state["completed_ms"] = ts if state["completed_ms"] is None else min(state["completed_ms"], ts)
         state["current_step"] = None
@@ -226,8 +244,12 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
 def _complete_step(doc: Profile, event: Event) -> list[Effect]:
     flow, step, ts = event.properties["flow"], event.properties["step"], event.ts_ms
     state = _flow(doc, flow, ts)
+    if state is None:
+        return [Bounded("flows")]
     if step in state["completed_steps"]:
         return []  # completing a step twice (another messageId) keeps the first completion
+    if len(state["completed_steps"]) >= MAX_STEPS_PER_FLOW:
+        return [Bounded("steps")]
     duration_s: float | None = None
     if state["current_step"] == step and state["current_step_started_ms"] is not None:
         duration_s = max(0.0, (ts - state["current_step_started_ms"]) / 1000)

@@ -72,9 +72,30 @@ class Settings(BaseSettings):
     # --- Web -----------------------------------------------------------------------------
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
+    api_tokens: SecretStr | None = Field(
+        None,
+        description="Comma-separated bearer tokens; when set, /profiles and /stats need "
+        "`Authorization: Bearer <token>`. Required when WEB_HOST is not a loopback address.",
+    )
+    ready_max_retry_seconds: float = Field(
+        30.0, gt=0, description="/readyz fails once a batch has been failing and retrying this long."
+    )
+    shutdown_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description="On SIGTERM the worker exits within this long, also with the broker or Redis gone "
+        "(an unfinished batch is abandoned: it is redelivered and applied once).",
+    )
 
     # --- Processing ------------------------------------------------------------------------
     batch_max_events: int = Field(2000, ge=1, le=100_000)
+    step_stats_max_rows: int = Field(
+        5000,
+        ge=10,
+        description="Step statistics rows (flow x step x group) kept in total; durations of further "
+        "new steps are counted in onboarding_input_bounded_total and not kept.",
+    )
     batch_window_seconds: float = Field(0.05, gt=0, le=10)
     max_event_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
     max_future_skew_seconds: float = Field(

@@ -1,11 +1,16 @@
 """HTTP views on the worker's web server: profiles, step statistics, Prometheus metrics, health.
 
-The views get only what they read (the profile reader, the metrics registry, a health
-check); they never reach into the worker's other roles.
+The views get only what they read (the profile reader, the metrics registry, the health
+checks); they never reach into the worker's other roles. ``/profiles`` and ``/stats`` serve
+behavioural data: with API_TOKENS set they need ``Authorization: Bearer <token>``.
+``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness) stay open and say nothing
+internal (no exception texts).
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import faust
@@ -16,13 +21,37 @@ from stream_app.worker.reader import ProfileReader
 
 
 class HealthCheck(Protocol):
-    async def check(self) -> tuple[bool, dict[str, Any]]:
-        """(healthy, the body to answer with)."""
+    async def live(self) -> tuple[bool, dict[str, Any]]:
+        """Is the process able to work at all (a short Redis blip must not make this false)."""
+        ...
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Should it get work: Redis reachable, partitions assigned, not stuck retrying."""
         ...
 
 
-def register(app: faust.App, reader: ProfileReader, registry: CollectorRegistry, health: HealthCheck) -> None:
+def register(
+    app: faust.App,
+    reader: ProfileReader,
+    registry: CollectorRegistry,
+    health: HealthCheck,
+    tokens: frozenset[str] = frozenset(),
+) -> None:
+    def guarded(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def check(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if tokens and not _authorized(request.headers.get("Authorization", ""), tokens):
+                return self.bytes(
+                    orjson.dumps({"error": "unauthorized", "message": "send Authorization: Bearer <token>"}),
+                    status=401,
+                    content_type="application/json",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await view(self, request, *args, **kwargs)
+
+        return check
+
     @app.page("/profiles/{user_id}")
+    @guarded
     async def profile(self: Any, request: Any, user_id: str) -> Any:
         doc = await reader.read(user_id)
         if doc is None:
@@ -34,6 +63,7 @@ def register(app: faust.App, reader: ProfileReader, registry: CollectorRegistry,
         return self.bytes(orjson.dumps(doc), content_type="application/json")
 
     @app.page("/stats/steps")
+    @guarded
     async def step_stats(self: Any, request: Any) -> Any:
         rows = [
             {
@@ -54,5 +84,21 @@ def register(app: faust.App, reader: ProfileReader, registry: CollectorRegistry,
 
     @app.page("/healthz")
     async def healthz(self: Any, request: Any) -> Any:
-        ok, body = await health.check()
+        ok, body = await health.live()
         return self.json(body, status=200 if ok else 503)
+
+    @app.page("/readyz")
+    async def readyz(self: Any, request: Any) -> Any:
+        ok, body = await health.ready()
+        return self.json(body, status=200 if ok else 503)
+
+
+def _authorized(header: str, tokens: frozenset[str]) -> bool:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return any(hmac.compare_digest(token.strip(), known) for known in tokens)
+
+
+def api_tokens(setting: str | None) -> frozenset[str]:
+    return frozenset(t.strip() for t in (setting or "").split(",") if t.strip())

@@ -18,6 +18,7 @@ default ports. ``fresh_redis_cluster`` is a client on a real 3-node Redis Cluste
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -51,6 +52,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of an external program a test drives (chromium, promtool, node...).
+
+    Missing on a developer's machine: the test skips and says how to get it. Missing where
+    ``REQUIRE_TOOLS=1`` (``.ci/run`` sets it after ``.ci/deps`` installed everything): the test
+    fails, so a broken install cannot pass CI as a row of skips.
+    """
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed ({why})"
+    if os.environ.get("REQUIRE_TOOLS") == "1":
+        pytest.fail(message + " and REQUIRE_TOOLS=1")
+    pytest.skip(message)
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,8 @@ def apache_kafka() -> Iterator[ApacheKafka]:
     """Apache Kafka (the version ``KAFKA_VERSION`` names, default 4.4.0) for the whole session."""
     reason = ApacheKafka.available()
     if reason:
+        if os.environ.get("REQUIRE_TOOLS") == "1":
+            pytest.fail(reason + " and REQUIRE_TOOLS=1")
         pytest.skip(reason)
     with ApacheKafka() as kafka:
         yield kafka

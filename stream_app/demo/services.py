@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -184,14 +185,17 @@ def start_services(stack: contextlib.ExitStack, console: Console) -> Services:
 
 
 def engine_env(services: Services, **extra: str) -> dict[str, str]:
-    """The environment of an engine process on these services."""
-    return dict(
+    """The environment of an engine process on these services (a salt of its own unless one is
+    set: the worker refuses the public development salt)."""
+    env = dict(
         os.environ,
         KAFKA_BOOTSTRAP_SERVERS=services.bootstrap,
         REDIS_URL=services.redis_url,
         LOG_FORMAT="json",
         **extra,
     )
+    env.setdefault("PII_HASH_SALT", secrets.token_hex(32))
+    return env
 
 
 def write_state(services: Services, worker: EngineProcess, collector: EngineProcess) -> None:

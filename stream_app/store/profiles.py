@@ -33,6 +33,8 @@ class Loaded:
     doc: Profile | None
     version: int
     seen: set[str] = field(default_factory=set)  # the asked-for messageIds already applied
+    #: the key of the last outbox of this profile known to have reached the broker (any worker)
+    published: str | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +67,12 @@ class ProfileStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def mark_published(self, marks: Mapping[str, str]) -> None:
+        """Record, per profile id, the key of its outbox that was just published, so that the
+        next process to load the profile (after a restart or a rebalance) does not send it
+        again. Never creates a profile (an erased one stays erased)."""
+
+    @abc.abstractmethod
     async def seen_ids(self, profile_id: str) -> list[str]:
         """Every remembered messageId of a profile (used when merging identities)."""
 
@@ -88,9 +96,9 @@ class ProfileStore(abc.ABC):
         """Release connections."""
 
 
-# KEYS: profile hash, seen zset. ARGV: messageIds. Returns {version, doc, {1|0 per id}}.
+# KEYS: profile hash, seen zset. ARGV: messageIds. Returns {version, doc, {1|0 per id}, published}.
 _LOAD_LUA = """
-local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p')
 local flags = {}
 for i = 1, #ARGV, 500 do
   local chunk = {}
@@ -98,7 +106,13 @@ for i = 1, #ARGV, 500 do
   local scores = redis.call('ZMSCORE', KEYS[2], unpack(chunk))
   for j = 1, #scores do flags[#flags + 1] = scores[j] and 1 or 0 end
 end
-return {r[1], r[2], flags}
+return {r[1], r[2], flags, r[3]}
+"""
+
+# KEYS: profile hash. ARGV: outbox key. Only on an existing profile (erasure stays erasure).
+_MARK_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', ARGV[1]) end
+return 0
 """
 
 # KEYS: profile hash, seen zset.
@@ -138,7 +152,7 @@ class RedisProfileStore(ProfileStore):
         self.keys = keys
         self.ttl_seconds = ttl_seconds
         self.dedup_window_ms = dedup_window_seconds * 1000
-        self.scripts = Scripts(client, {"load": _LOAD_LUA, "cas": _CAS_LUA})
+        self.scripts = Scripts(client, {"load": _LOAD_LUA, "cas": _CAS_LUA, "mark": _MARK_LUA})
 
     def _user_keys(self, pid: str) -> list[str]:
         return [self.keys.profile(pid), self.keys.seen(pid)]
@@ -149,11 +163,21 @@ class RedisProfileStore(ProfileStore):
             [Eval("load", self._user_keys(pid), requests[pid]) for pid in ids]
         )
         out: dict[str, Loaded] = {}
-        for pid, (version, raw, flags) in zip(ids, replies, strict=True):
+        for pid, (version, raw, flags, *published) in zip(ids, replies, strict=True):
             seen = {m for m, flag in zip(requests[pid], flags, strict=True) if flag}
             doc = orjson.loads(raw) if raw is not None else None
-            out[pid] = Loaded(doc, int(version) if version is not None else 0, seen)
+            mark = published[0] if published and published[0] is not None else None
+            out[pid] = Loaded(
+                doc,
+                int(version) if version is not None else 0,
+                seen,
+                mark.decode() if isinstance(mark, bytes) else mark,
+            )
         return out
+
+    async def mark_published(self, marks: Mapping[str, str]) -> None:
+        if marks:
+            await self.scripts.pipeline([Eval("mark", [self.keys.profile(p)], [k]) for p, k in marks.items()])
 
     async def save(self, writes: Sequence[Write]) -> set[str]:
         if not writes:
@@ -227,6 +251,7 @@ class InMemoryProfileStore(ProfileStore):
     def __init__(self) -> None:
         self.profiles: dict[str, tuple[int, bytes]] = {}
         self.seen: dict[str, dict[str, int]] = {}
+        self.published: dict[str, str] = {}
 
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
         out: dict[str, Loaded] = {}
@@ -234,9 +259,15 @@ class InMemoryProfileStore(ProfileStore):
             version, raw = self.profiles.get(pid, (0, b""))
             remembered = self.seen.get(pid, {})
             out[pid] = Loaded(
-                orjson.loads(raw) if raw else None, version, {m for m in msg_ids if m in remembered}
+                orjson.loads(raw) if raw else None,
+                version,
+                {m for m in msg_ids if m in remembered},
+                self.published.get(pid),
             )
         return out
+
+    async def mark_published(self, marks: Mapping[str, str]) -> None:
+        self.published.update({pid: key for pid, key in marks.items() if pid in self.profiles})
 
     async def save(self, writes: Sequence[Write]) -> set[str]:
         conflicts: set[str] = set()
@@ -266,6 +297,7 @@ class InMemoryProfileStore(ProfileStore):
         for pid in profile_ids:
             removed += int(self.profiles.pop(pid, None) is not None)
             removed += int(self.seen.pop(pid, None) is not None)
+            self.published.pop(pid, None)
         return removed
 
     async def ping(self) -> None:

@@ -8,6 +8,7 @@ live in :mod:`stream_app.worker`; the agent (``agents/events.py``) and the views
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -18,7 +19,10 @@ from redis.exceptions import RedisError
 
 from agents import events
 from stream_app import web
+from stream_app.errors import ConfigError
+from stream_app.lag import LagTracker
 from stream_app.settings import DEV_PII_SALT, Settings
+from stream_app.web import api_tokens
 from stream_app.worker.batches import TRANSIENT
 from stream_app.worker.publisher import Sinks
 from stream_app.worker.runtime import Runtime, Stores
@@ -81,8 +85,8 @@ def _set_fetch_max_wait(ms: int) -> None:
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     """The Faust app with its agent, views and timers registered, and the runtime they drive."""
     bootstrap, _ = settings.require_services()
-    if settings.pii_hash_salt.get_secret_value() == DEV_PII_SALT:
-        log.warning("PII_HASH_SALT is the development default; set your own secret in production")
+    check_safe_to_serve(settings)
+    tokens = api_tokens(settings.api_tokens.get_secret_value() if settings.api_tokens else None)
     stores = Stores(settings)
     _set_fetch_max_wait(settings.kafka_fetch_max_wait_ms)
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
@@ -107,6 +111,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_in_thread=False,
+        # Faust's own pages (routing, tables, graph, stats) are not ours to serve
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
     )
 
     def topic(role: str) -> Any:
@@ -114,6 +124,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
 
     sinks = Sinks(topic("dlq"), topic("segments"), topic("triggers"), topic("triggers_holdout"))
     events_topic = topic("events")
+    events_name = stores.topics["events"].name
 
     async def caught_up(partition: int) -> bool:
         tp = faust.types.TP(stores.topics["events"].name, partition)
@@ -131,7 +142,48 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     runtime = Runtime(settings, sinks, stores, caught_up=caught_up)
 
     events.register(app, events_topic, runtime.batches.handle, settings)
-    web.register(app, runtime.reader, runtime.metrics.registry, Health(runtime))
+    health = Health(runtime, settings)
+    web.register(app, runtime.reader, runtime.metrics.registry, health, tokens)
+    lag = LagTracker()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _joined(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
+        health.joined = True
+
+    @app.timer(interval=1.0)
+    async def _consumer_lag() -> None:
+        """Lag per owned partition, in records and seconds, updated while idle too."""
+        owned = set(runtime.timer.owned)
+        now = time.time()
+        gauges = runtime.metrics
+        for partition in sorted(owned):
+            tp = faust.types.TP(events_name, partition)
+            try:
+                log_end = int(app.consumer.highwater(tp))
+            except Exception:  # not fetched yet
+                continue
+            lag.observe(partition, log_end, now)
+            # Faust keeps the committed position (the next offset to consume) per partition
+            committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
+            processed = runtime.batches.next_offsets.get(partition, committed)
+            if processed is None:
+                continue
+            records, seconds = lag.lag(partition, processed, now)
+            gauges.consumer_lag_records.labels(str(partition), "processed").set(records)
+            gauges.consumer_lag_seconds.labels(str(partition)).set(seconds)
+            if committed is not None:
+                gauges.consumer_lag_records.labels(str(partition), "committed").set(
+                    max(0, log_end - committed)
+                )
+        for gone in set(lag.samples) - owned:  # a revoked partition is no longer this worker's lag
+            for position in ("processed", "committed"):
+                with contextlib.suppress(KeyError):
+                    gauges.consumer_lag_records.remove(str(gone), position)
+            with contextlib.suppress(KeyError):
+                gauges.consumer_lag_seconds.remove(str(gone))
+        lag.forget(owned)
+        busy = runtime.batches.retrying_since
+        gauges.batch_retrying_seconds.set(time.monotonic() - busy if busy is not None else 0)
 
     @app.task
     async def _wait_for_store() -> None:
@@ -144,7 +196,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         try:
             await runtime.clusters.train_once()
         except (RedisError, OSError) as exc:
-            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            runtime.metrics.store_error(exc)
             log.warning(
                 "cluster training pass failed; retried next interval", extra={"error": repr(exc)[:300]}
             )
@@ -157,7 +209,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             await asyncio.wait_for(runtime.timer.fire_due(), settings.batch_attempt_timeout_seconds)
             await asyncio.wait_for(runtime.timer.sweep(), settings.batch_attempt_timeout_seconds)
         except TRANSIENT as exc:
-            runtime.metrics.store_errors.labels(type(exc).__name__).inc()
+            runtime.metrics.store_error(exc)
             log.warning(
                 "timer pass failed; due deadlines stay and are retried", extra={"error": repr(exc)[:300]}
             )
@@ -181,8 +233,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
                 extra={"seconds": round(time.monotonic() - busy), "tasks": stacks[:60]},
             )
 
-    events_name = stores.topics["events"].name
-
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode types receivers narrowly
     async def _assigned(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
         runtime.timer.owned = {tp.partition for tp in assigned if tp.topic == events_name}
@@ -199,18 +249,48 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
 
 
 class Health:
-    """What /healthz reports: Redis reachable, partitions owned."""
+    """Liveness (the process works; a Redis blip does not fail it) and readiness (it should get work)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+        self.runtime, self.settings = runtime, settings
+        self.joined = False  # the consumer group assigned this worker its partitions (maybe none)
 
-    async def check(self) -> tuple[bool, dict[str, Any]]:
+    async def live(self) -> tuple[bool, dict[str, Any]]:
+        partitions = sorted(self.runtime.timer.owned)
+        return True, {"status": "ok", "redis": self.runtime.ready, "partitions": partitions}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        reasons = []
         try:
-            await self.runtime.stores.profiles.ping()
+            await asyncio.wait_for(self.runtime.stores.profiles.ping(), 1.0)
         except Exception:
-            return False, {"status": "unavailable", "redis": False}
-        return True, {
-            "status": "ok",
-            "redis": self.runtime.ready,
-            "partitions": sorted(self.runtime.timer.owned),
-        }
+            reasons.append("redis unreachable")
+        if not self.joined:
+            reasons.append("no partitions assigned yet")
+        since = self.runtime.batches.retrying_since
+        if since is not None and time.monotonic() - since > self.settings.ready_max_retry_seconds:
+            reasons.append("a batch has been retrying for too long")
+        if self.runtime.metrics.redis_out_of_memory._value.get():
+            reasons.append("redis is out of memory")
+        body = {"status": "ready" if not reasons else "not ready", "reasons": reasons}
+        return not reasons, body
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def check_safe_to_serve(settings: Settings) -> None:
+    """Refuse to start in a way that would serve behavioural data to anyone or hash PII with a
+    public salt (each with a message naming the setting)."""
+    if settings.web_host not in LOOPBACK and not settings.api_tokens:
+        raise ConfigError(
+            "API_TOKENS",
+            f"not set while WEB_HOST={settings.web_host} is reachable from other hosts: set bearer "
+            "tokens for /profiles and /stats, or bind WEB_HOST to 127.0.0.1",
+        )
+    if settings.pii_hash_salt.get_secret_value() == DEV_PII_SALT:
+        raise ConfigError(
+            "PII_HASH_SALT",
+            "is the development default (public in the source): set a long random secret "
+            "(`stream-app demo` sets one of its own)",
+        )

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from stream_app.errors import ContentionError
 from stream_app.metrics import Metrics
@@ -51,6 +51,7 @@ class BatchRunner:
         self.clusters, self.sizes, self.metrics, self.lock = clusters, sizes, metrics, lock
         self.next_offsets: dict[int, int] = {}  # events partition -> next offset to process
         self.busy_since: float | None = None  # monotonic start of the batch being handled
+        self.retrying_since: float | None = None  # monotonic time its first attempt failed
 
     async def handle(self, records: list[Record]) -> BatchOutcome:
         """Process one batch until it succeeds. Outages pause here; nothing is acked meanwhile."""
@@ -67,14 +68,23 @@ class BatchRunner:
                     )
                 break
             except TRANSIENT as exc:
-                self.metrics.store_errors.labels(type(exc).__name__).inc()
+                self.retrying_since = self.retrying_since or time.monotonic()
+                self.metrics.batch_retrying_seconds.set(time.monotonic() - self.retrying_since)
+                self.metrics.store_error(exc)
+                out_of_memory = isinstance(exc, OutOfMemoryError)
+                self.metrics.redis_out_of_memory.set(int(out_of_memory))
                 log.warning(
-                    "batch failed, retrying the whole batch (idempotent)",
+                    "Redis is out of memory (maxmemory reached, noeviction): the batch waits; free "
+                    "memory or raise maxmemory"
+                    if out_of_memory
+                    else "batch failed, retrying the whole batch (idempotent)",
                     extra={"error": repr(exc)[:300], "retry_in_s": delay, "records": len(records)},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_seconds)
-        self.busy_since = None
+        self.busy_since = self.retrying_since = None
+        self.metrics.batch_retrying_seconds.set(0)
+        self.metrics.redis_out_of_memory.set(0)
         self._count(records, outcome, time.perf_counter() - started)
         return outcome
 

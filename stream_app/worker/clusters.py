@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from stream_app.metrics import Metrics
-from stream_app.profile import Profile
+from stream_app.profile import Profile, StepDuration
 from stream_app.segments.assign import Snapshot, assignment_change, choose_cluster, features
 from stream_app.settings import Settings
 from stream_app.store.models import ClusterModelStore
@@ -41,6 +41,7 @@ class Baselines:
         self.by_step: dict[tuple[str, str, str], StepBaseline] = {}  # (flow, step, group)
         self.means: dict[tuple[str, str], float] = {}  # (flow, step) -> mean s, all users
         self._read_at = float("-inf")
+        self._admitted: set[tuple[str, str, str]] = set()  # new rows since the last refresh
 
     async def refresh(self, force: bool = False) -> None:
         if not force and self.clock() - self._read_at < self.refresh_seconds:
@@ -49,6 +50,24 @@ class Baselines:
         self.by_step = {(s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in stats}
         self.means = {(s.flow, s.step): s.mean_s for s in stats if not s.group}
         self._read_at = self.clock()
+        self._admitted.clear()
+
+    def admit(self, durations: Sequence[StepDuration], max_rows: int) -> tuple[list[StepDuration], int]:
+        """The durations whose statistics row exists or fits under ``max_rows``, and how many
+        were refused. A soft bound: rows other workers created since the last refresh are
+        not known here, so the total may pass ``max_rows`` by what they add in one interval."""
+        allowed: list[StepDuration] = []
+        refused = 0
+        for d in durations:
+            row = (d.flow, d.step, d.group)
+            if row in self.by_step or row in self._admitted:
+                allowed.append(d)
+            elif len(self.by_step) + len(self._admitted) < max_rows:
+                self._admitted.add(row)
+                allowed.append(d)
+            else:
+                refused += 1
+        return allowed, refused
 
 
 class ClusterService:
@@ -98,6 +117,8 @@ class ClusterService:
         if version and (self.snapshot is None or self.snapshot.version != version):
             self.snapshot = await self.models.latest()
             self.metrics.cluster_model_version.set(version)
+            if self.snapshot is not None:
+                self.metrics.cluster_model_created.set(self.snapshot.created_ms / 1000)
 
     async def train_once(self) -> Snapshot | None:
         """If this worker holds the training lease: train on the sample set, publish the next snapshot.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -66,8 +66,20 @@ DEADLINE_TYPES = ("stalled_step", "onboarding_abandoned")
 
 
 class Publisher:
-    def __init__(self, sinks: Sinks, outbox: Outbox, metrics: Metrics) -> None:
-        self.sinks, self.outbox, self.metrics = sinks, outbox, metrics
+    """Sends what batches and timer passes decided, and records what went out.
+
+    ``record``: where the published outboxes are recorded durably (the profile store's
+    ``mark_published``), so that whoever loads a profile next does not send its outbox again.
+    """
+
+    def __init__(
+        self,
+        sinks: Sinks,
+        outbox: Outbox,
+        metrics: Metrics,
+        record: Callable[[Mapping[str, str]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.sinks, self.outbox, self.metrics, self.record = sinks, outbox, metrics, record
 
     async def dead_letters(self, outcome: BatchOutcome) -> None:
         """Every invalid record of the batch to the dead-letter topic, delivered before the ack."""
@@ -93,7 +105,9 @@ class Publisher:
     async def reactions(self, outcome: Reactions) -> None:
         """Segment changes and triggers, delivered before the batch (or timer pass) is acked."""
         await self.send(outcome.outbox)
-        self.outbox.mark_published(outcome.outbox_keys)
+        self.outbox.mark_published([key for _pid, key in outcome.outbox_keys])  # this process
+        if self.record is not None and outcome.outbox_keys:
+            await self.record(dict(outcome.outbox_keys))
         m = self.metrics
         now = time.time()
         for message in outcome.outbox:

@@ -24,6 +24,7 @@ from stream_app.configure import (
 )
 from stream_app.metrics import Metrics
 from stream_app.pipeline import EventProcessor
+from stream_app.profile import StepDuration
 from stream_app.reactions import ReactionContext
 from stream_app.settings import Settings
 from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
@@ -135,12 +136,12 @@ class Runtime:
             self.profile_rules,
             self.metrics,
             cache_size=settings.profile_cache_size,
-            step_stats=s.step_stats.add,
+            step_stats=self._add_step_stats,
             on_erase=self._forget,
             reactions=self.reaction_context,
             identity=identity_rules(settings),
         )
-        self.publisher = Publisher(sinks, self.processor.outbox, self.metrics)
+        self.publisher = Publisher(sinks, self.processor.outbox, self.metrics, s.profiles.mark_published)
         # One batch or one timer pass at a time: both write profiles and the deadline index.
         self.lock = asyncio.Lock()
         self.watermarks = Watermarks(s.deadlines, self.triggers.allowed_lateness_ms, caught_up)
@@ -156,6 +157,13 @@ class Runtime:
             s.profiles, self.profile_rules, self.segments, self.processor.contract, s.step_stats
         )
         self.ready = False
+
+    async def _add_step_stats(self, durations: list[StepDuration]) -> int:
+        """Fold durations into the step statistics, within STEP_STATS_MAX_ROWS rows in total."""
+        allowed, refused = self.baselines.admit(durations, self.settings.step_stats_max_rows)
+        if refused:
+            self.metrics.input_bounded.labels("step_stats_rows").inc(refused)
+        return await self.stores.step_stats.add(allowed) if allowed else 0
 
     def reaction_context(self) -> ReactionContext:
         assign = self.clusters.assign if self.settings.cluster_enabled else None
@@ -177,7 +185,7 @@ class Runtime:
                 self.ready = True
                 return
             except (RedisError, OSError) as exc:
-                self.metrics.store_errors.labels("redis").inc()
+                self.metrics.store_error(exc)
                 log.warning("redis not reachable, retrying", extra={"error": str(exc), "retry_in_s": delay})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_seconds)

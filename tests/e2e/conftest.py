@@ -32,9 +32,10 @@ class _HttpChecks:
 
     url: str
 
-    def get(self, path: str) -> tuple[int, Any]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 return resp.status, orjson.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read())
@@ -183,11 +184,12 @@ def deployment(services: Any) -> Deployment:
 
 
 @pytest.fixture
-def worker_factory(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[[], WorkerHandle]]:
+def worker_factory(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[..., WorkerHandle]]:
     handles: list[WorkerHandle] = []
 
-    def make() -> WorkerHandle:
-        handle = WorkerHandle(deployment.env, tmp_path / f"worker{len(handles)}.log")
+    def make(**env: str) -> WorkerHandle:
+        """A worker on the deployment, with ``env`` settings of its own."""
+        handle = WorkerHandle(dict(deployment.env, **env), tmp_path / f"worker{len(handles)}.log")
         handles.append(handle)
         return handle
 

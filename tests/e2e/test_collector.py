@@ -13,7 +13,6 @@ import html
 import http.server
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -31,6 +30,7 @@ from jsonschema import Draft202012Validator
 from stream_app.embedded import ApacheKafka, EmbeddedBroker, free_port
 from stream_app.paths import SCHEMAS_DIR
 from stream_app.topics import apply_topics
+from tests.conftest import require_tool
 
 from .conftest import CollectorHandle, Deployment, WorkerHandle, wait_until
 
@@ -188,7 +188,10 @@ NODE_MODULES = JS_DIR / "node_modules"
 
 def need_node_modules() -> None:
     if not (NODE_MODULES / "@segment" / "analytics-node").exists():
-        pytest.skip(f"npm packages not installed: run `npm ci` in {JS_DIR} (.ci/deps does)")
+        message = f"npm packages not installed: run `npm ci` in {JS_DIR} (.ci/deps does)"
+        if os.environ.get("REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 @pytest.mark.brokers("embedded")  # the broker's kind is not what this is about
@@ -196,9 +199,7 @@ def test_analytics_node_feeds_profiles_through_the_collector(
     deployment: Deployment, worker_factory: Any, collector_factory: Any
 ) -> None:
     need_node_modules()
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
+    node = require_tool("node", "Node.js runs the published analytics-node SDK")
     worker = worker_factory().start()
     collector: CollectorHandle = collector_factory().start()
     out = subprocess.run(
@@ -243,9 +244,7 @@ class PageServer:
 
 def run_page(url: str, tmp_path: Path) -> str:
     """Load ``url`` in headless Chromium until its script is done; the page's log."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian package chromium; .ci/deps installs it)")
+    chromium = require_tool("chromium", "Debian package chromium; .ci/deps installs it")
     out = subprocess.run(
         [
             chromium,

@@ -84,6 +84,20 @@ def base(**extra: Any) -> dict[str, Any]:
         ),
         (orjson.dumps(base(type="alias")), Reason.MISSING_FIELD),
         (
+            orjson.dumps(
+                base(
+                    type="track",
+                    event="Onboarding Step Started",
+                    properties={"flow": "f", "step": "s" * 5000},
+                )
+            ),
+            Reason.TOO_LONG,
+        ),
+        (
+            orjson.dumps(base(type="track", event="Feature Used", properties={"feature": "x" * 129})),
+            Reason.TOO_LONG,
+        ),
+        (
             orjson.dumps(base(context={"consent": {"categoryPreferences": {"personalization": "no"}}})),
             Reason.WRONG_TYPE,
         ),
@@ -189,9 +203,9 @@ properties = st.one_of(
     st.fixed_dictionaries(
         {},
         optional={
-            "flow": st.sampled_from(["signup", "", 5]),
-            "step": st.sampled_from(["profile", "", None]),
-            "feature": st.sampled_from(["export", 1]),
+            "flow": st.sampled_from(["signup", "", 5, "f" * 128, "f" * 129]),
+            "step": st.sampled_from(["profile", "", None, "s" * 5000]),
+            "feature": st.sampled_from(["export", 1, "x" * 129]),
         },
     ),
     json_values,

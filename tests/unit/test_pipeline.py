@@ -355,3 +355,35 @@ async def test_a_crash_between_tombstone_and_merge_does_not_double_count_replaye
     doc = await h.doc("u1")
     assert doc is not None
     assert doc["event_count"] == 3 and doc["features"] == {"f": 1} and doc["merged_from"] == ["anon"]
+
+
+async def test_flows_and_steps_per_profile_are_bounded_and_counted() -> None:
+    from stream_app.profile import MAX_FLOWS, MAX_STEPS_PER_FLOW
+
+    h = Harness()
+    flows = [
+        track("Onboarding Step Started", f"f{i}", flow=f"flow-{i}", step="a") for i in range(MAX_FLOWS + 3)
+    ]
+    steps = [
+        e
+        for i in range(MAX_STEPS_PER_FLOW + 2)
+        for e in (
+            track("Onboarding Step Started", f"s{i}", at=2 * i, flow="flow-0", step=f"step-{i}"),
+            track("Onboarding Step Completed", f"c{i}", at=2 * i + 1, flow="flow-0", step=f"step-{i}"),
+        )
+    ]
+    await h.run(*flows, *steps)
+    doc = await h.doc("u1")
+    assert doc is not None
+    assert len(doc["onboarding"]) == MAX_FLOWS
+    assert len(doc["onboarding"]["flow-0"]["completed_steps"]) == MAX_STEPS_PER_FLOW
+    assert doc["event_count"] == len(flows) + len(steps)  # still counted as events
+    assert len(h.durations) == MAX_STEPS_PER_FLOW
+    bounded = {
+        s.labels["what"]: s.value
+        for m in h.processor.metrics.input_bounded.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    # 3 flows past the bound; 2 steps whose start and completion were both refused
+    assert bounded == {"flows": 3.0, "steps": 4.0}

@@ -154,6 +154,27 @@ async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -
     assert (await restarted.process(batch)).outbox == []  # published once here: not again
 
 
+async def test_an_outbox_recorded_as_published_is_not_sent_again_by_another_process() -> None:
+    """A rolling restart or a rebalance: the next process to load the profile learns from the
+    store that its outbox went out, and sends only what is new."""
+    store = InMemoryProfileStore()
+    first = await processor(store).process(records(start()))
+    assert first.outbox
+    await store.mark_published(dict(first.outbox_keys))  # what the Publisher does after sending
+    restarted = processor(store)
+    again = await restarted.process(records(start()))  # the same batch, redelivered
+    assert again.outbox == [] and again.applied == 0
+    later = await restarted.process(records(track("Onboarding Completed", "oc", at=10, flow="signup")))
+    old_ids = {m.id for m in first.outbox}
+    assert later.outbox and not {m.id for m in later.outbox} & old_ids
+
+
+async def test_a_published_mark_never_recreates_an_erased_profile() -> None:
+    store = InMemoryProfileStore()
+    await store.mark_published({"ghost": "t-1"})
+    assert await store.get("ghost") is None and (await store.load({"ghost": []}))["ghost"].published is None
+
+
 async def test_messages_survive_two_crashes_when_the_profile_changes_in_between() -> None:
     """Batch 1 is written and not published; batch 2 (new events, a new outbox) is written
     and not published either: the redelivery after the second crash still sends both."""

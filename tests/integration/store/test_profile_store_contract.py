@@ -90,3 +90,18 @@ async def test_a_node_that_lost_its_scripts_refuses_nothing(store: ProfileStore)
     assert await store.save([Write(u, 1, new_profile(u), [f"{u}-b"]) for u in users]) == set()
     loaded = await store.load({u: [f"{u}-a", f"{u}-b"] for u in users})
     assert all(e.version == 2 and e.seen == {f"{u}-a", f"{u}-b"} for u, e in loaded.items())
+
+
+async def test_published_marks_are_loaded_survive_writes_and_never_create_a_profile(
+    store: ProfileStore,
+) -> None:
+    await store.save([Write("pub", 0, new_profile("pub"))])
+    assert (await store.load({"pub": []}))["pub"].published is None
+    await store.mark_published({"pub": "t-1,t-2", "never-written": "t-3"})
+    assert (await store.load({"pub": []}))["pub"].published == "t-1,t-2"
+    assert await store.save([Write("pub", 1, new_profile("pub"))]) == set()  # a later write keeps it
+    assert (await store.load({"pub": []}))["pub"].published == "t-1,t-2"
+    assert await store.get("never-written") is None
+    assert (await store.load({"never-written": []}))["never-written"].published is None
+    await store.erase(["pub"])
+    assert (await store.load({"pub": []}))["pub"].published is None

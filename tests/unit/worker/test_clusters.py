@@ -1,0 +1,28 @@
+"""Baselines.admit: the total number of step statistics rows is bounded."""
+
+from __future__ import annotations
+
+from stream_app.profile import StepDuration
+from stream_app.store.step_stats import InMemoryStepStatsStore
+from stream_app.worker.clusters import Baselines
+
+
+async def test_new_rows_beyond_the_bound_are_refused_and_known_rows_still_fold() -> None:
+    store = InMemoryStepStatsStore()
+    await store.add([StepDuration("f", "known", 1.0, "m0")])
+    baselines = Baselines(store, refresh_seconds=60)
+    await baselines.refresh(force=True)
+    durations = [StepDuration("f", f"new-{i}", 1.0, f"m{i}") for i in range(5)]
+    durations.append(StepDuration("f", "known", 2.0, "m9"))
+    durations.append(StepDuration("f", "new-0", 3.0, "m10"))  # a row admitted earlier in this call
+    allowed, refused = baselines.admit(durations, max_rows=3)
+    assert [(d.step, d.message_id) for d in allowed] == [
+        ("new-0", "m0"),
+        ("new-1", "m1"),
+        ("known", "m9"),
+        ("new-0", "m10"),
+    ]
+    assert refused == 3
+    await store.add(allowed)
+    await baselines.refresh(force=True)  # the admitted rows are now read back as known
+    assert baselines.admit([StepDuration("f", "new-4", 1.0, "m11")], max_rows=3) == ([], 1)
