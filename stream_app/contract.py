@@ -68,6 +68,8 @@ class Reason(StrEnum):
     MISSING_FIELD = "missing_field"
     BLOCKED_ID = "blocked_id"
     TOO_LONG = "too_long"
+    #: a valid record whose processing fails for good (parked by the worker; not a contract breach)
+    PROCESSING_FAILED = "processing_failed"
 
 
 @dataclass(frozen=True, slots=True)

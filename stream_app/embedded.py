@@ -152,8 +152,18 @@ class EmbeddedRedis(_Process):
             "--protected-mode",
             "no",
         ]
-        self._spawn(argv + (extra or []))
+        self._argv = argv + (extra or [])
+        self._spawn(self._argv)
         return self
+
+    def crash_and_restart(self, down_s: float = 0.0) -> None:
+        """SIGKILL the server, then start it again on the same port and directory: what it
+        persisted (``--appendonly yes`` in ``extra``) is all it has (chaos runs)."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(10)
+        time.sleep(down_s)
+        self._spawn(self._argv)
 
     @property
     def url(self) -> str:

@@ -129,6 +129,13 @@ class Metrics:
             ["store", "error"],
             registry=r,
         )
+        self.records_parked = Counter(
+            "onboarding_records_parked_total",
+            "Valid records whose processing failed for good, parked on the dead-letter topic "
+            "(reason processing_failed), by error class.",
+            ["error"],
+            registry=r,
+        )
         self.dead_letters_published = Counter(
             "onboarding_dead_letters_published_total", "Records written to the dead-letter topic.", registry=r
         )

@@ -90,6 +90,19 @@ class Settings(BaseSettings):
 
     # --- Processing ------------------------------------------------------------------------
     batch_max_events: int = Field(2000, ge=1, le=100_000)
+    accept_redis_state: bool = Field(
+        False,
+        description="Start even though Redis has no epoch marker for partitions this group has "
+        "committed offsets for (after an upgrade from a version without markers, or to knowingly "
+        "accept a Redis that lost data); the missing markers are written.",
+    )
+    batch_permanent_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Attempts of a batch failing with an error that is not an outage before the "
+        "records causing it are isolated and parked on the dead-letter topic.",
+    )
     step_stats_max_rows: int = Field(
         5000,
         ge=10,

@@ -89,6 +89,10 @@ class Keys:
         """Sorted set of user ids by their next deadline (ms), for one input partition."""
         return f"{self.prefix}:deadlines:{{{hash_tag(f'{topic}#{partition}')}}}"
 
+    def epoch(self, topic: str, partition: int) -> str:
+        """When this group first applied a batch of the partition (stream_app/store/epochs.py)."""
+        return f"{self.prefix}:epoch:{{{hash_tag(f'{topic}#{partition}')}}}"
+
     def watermark(self, topic: str, partition: int) -> str:
         """Hash ``ts`` (max event time seen) and ``at`` (wall clock then) of one input partition."""
         return f"{self.prefix}:watermark:{{{hash_tag(f'{topic}#{partition}')}}}"

@@ -19,13 +19,15 @@ from redis.exceptions import RedisError
 
 from agents import events
 from stream_app import web
-from stream_app.errors import ConfigError
+from stream_app.errors import ConfigError, RedisDataLost
 from stream_app.lag import LagTracker
+from stream_app.pipeline import Record
 from stream_app.settings import DEV_PII_SALT, Settings
 from stream_app.web import api_tokens
-from stream_app.worker.batches import TRANSIENT
+from stream_app.worker.batches import is_transient
 from stream_app.worker.publisher import Sinks
 from stream_app.worker.runtime import Runtime, Stores
+from stream_app.worker.shutdown import die
 
 log = logging.getLogger("stream_app")
 
@@ -139,9 +141,22 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             position = await app.consumer.position(tp)
         return position is not None and position >= highwater
 
-    runtime = Runtime(settings, sinks, stores, caught_up=caught_up)
+    def committed(partition: int) -> int | None:
+        """The group's committed offset of an events partition (Faust keeps them per partition)."""
+        offsets = getattr(app.consumer, "_committed_offset", {})
+        value = offsets.get(faust.types.TP(events_name, partition))
+        return int(value) if value is not None else None
 
-    events.register(app, events_topic, runtime.batches.handle, settings)
+    runtime = Runtime(settings, sinks, stores, caught_up=caught_up, committed=committed)
+
+    async def handle(records: list[Record]) -> object:
+        try:
+            return await runtime.batches.handle(records)
+        except RedisDataLost as exc:
+            die(str(exc))  # a restart would find the same: it exits with the same message
+            raise
+
+    events.register(app, events_topic, handle, settings)
     health = Health(runtime, settings)
     web.register(app, runtime.reader, runtime.metrics.registry, health, tokens)
     lag = LagTracker()
@@ -149,6 +164,19 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _joined(app: faust.App, assigned: Any, *args: Any, **kwargs: Any) -> None:
         health.joined = True
+
+    @app.timer(interval=1.0)
+    async def _check_epochs() -> None:
+        """Also while no events arrive: a Redis that restarted empty is caught within a second."""
+        owned = sorted(runtime.timer.owned)
+        if not runtime.ready or not owned or app.rebalancing:
+            return
+        try:
+            await runtime.guard.check(owned)
+        except RedisDataLost as exc:
+            die(str(exc))
+        except Exception as exc:  # an outage: the batches and their retries report it
+            log.debug("epoch check failed", extra={"error": repr(exc)[:200]})
 
     @app.timer(interval=1.0)
     async def _consumer_lag() -> None:
@@ -165,9 +193,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             lag.observe(partition, log_end, now)
             # Faust keeps the committed position (the next offset to consume) per partition
             committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
-            processed = runtime.batches.next_offsets.get(partition, committed)
+            batches = runtime.batches
+            # the position: past what was processed; else where the batch in hand (maybe stuck
+            # retrying) starts; else the committed offset; an empty partition has no lag at all
+            processed = batches.next_offsets.get(partition, batches.in_hand.get(partition, committed))
             if processed is None:
-                continue
+                if log_end != 0:
+                    continue
+                processed = 0
             records, seconds = lag.lag(partition, processed, now)
             gauges.consumer_lag_records.labels(str(partition), "processed").set(records)
             gauges.consumer_lag_seconds.labels(str(partition)).set(seconds)
@@ -208,9 +241,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         try:
             await asyncio.wait_for(runtime.timer.fire_due(), settings.batch_attempt_timeout_seconds)
             await asyncio.wait_for(runtime.timer.sweep(), settings.batch_attempt_timeout_seconds)
-        except TRANSIENT as exc:
+        except Exception as exc:
             runtime.metrics.store_error(exc)
-            log.warning(
+            (log.warning if is_transient(exc) else log.error)(
                 "timer pass failed; due deadlines stay and are retried", extra={"error": repr(exc)[:300]}
             )
 

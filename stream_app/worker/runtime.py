@@ -28,6 +28,7 @@ from stream_app.profile import StepDuration
 from stream_app.reactions import ReactionContext
 from stream_app.settings import Settings
 from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
+from stream_app.store.epochs import EpochStore, InMemoryEpochStore, RedisEpochStore
 from stream_app.store.keys import Keys
 from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
 from stream_app.store.profiles import AnyRedis, InMemoryProfileStore, ProfileStore, RedisProfileStore
@@ -36,6 +37,7 @@ from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsSt
 from stream_app.topics import TopicSpec, load_topics
 from stream_app.worker.batches import BatchRunner
 from stream_app.worker.clusters import Baselines, ClusterService
+from stream_app.worker.epochs import Committed, EpochGuard, _never_committed
 from stream_app.worker.publisher import Publisher, Sinks
 from stream_app.worker.reader import ProfileReader
 from stream_app.worker.timer import CaughtUp, DeadlineTimer, Watermarks, _never
@@ -66,10 +68,11 @@ class Stores:
         self.deadlines: DeadlineStore
         self.models: ClusterModelStore
         self.sizes: SegmentSizeStore
+        self.epochs: EpochStore
         if in_memory:
             self.profiles, self.step_stats = InMemoryProfileStore(), InMemoryStepStatsStore()
             self.deadlines, self.models = InMemoryDeadlineStore(), InMemoryClusterModelStore()
-            self.sizes = InMemorySegmentSizeStore()
+            self.sizes, self.epochs = InMemorySegmentSizeStore(), InMemoryEpochStore()
             return
         if not settings.redis_url:
             from stream_app.errors import ConfigError
@@ -83,6 +86,7 @@ class Stores:
         self.deadlines = RedisDeadlineStore(client, self.keys, events_topic)
         self.models = RedisClusterModelStore(client, self.keys)
         self.sizes = RedisSegmentSizeStore(client, self.keys)
+        self.epochs = RedisEpochStore(client, self.keys, events_topic)
 
     async def close(self) -> None:
         await self.profiles.close()
@@ -109,6 +113,7 @@ class Runtime:
         stores: Stores | None = None,
         metrics: Metrics | None = None,
         caught_up: CaughtUp = _never,
+        committed: Committed = _never_committed,
         rng: random.Random | None = None,
         wall_ms: Callable[[], int] | None = None,
     ) -> None:
@@ -145,9 +150,12 @@ class Runtime:
         # One batch or one timer pass at a time: both write profiles and the deadline index.
         self.lock = asyncio.Lock()
         self.watermarks = Watermarks(s.deadlines, self.triggers.allowed_lateness_ms, caught_up)
+        self.guard = EpochGuard(
+            s.epochs, s.topics["events"].name, committed, accept=settings.accept_redis_state
+        )
         self.batches = BatchRunner(
             settings, self.processor, self.publisher, s.deadlines, self.watermarks, self.baselines,
-            self.clusters, s.sizes, self.metrics, self.lock,
+            self.clusters, s.sizes, self.metrics, self.lock, self.guard,
         )  # fmt: skip
         self.timer = DeadlineTimer(
             settings, self.processor, self.publisher, s.deadlines, self.watermarks, self.baselines,

@@ -1,0 +1,634 @@
+"""Chaos: live load, a seeded schedule of faults, and an oracle that is not the engine's code.
+
+Run: python bench/chaos.py [--seconds 300] [--seed 7] [--broker embedded|kafka] [--short]
+     (make chaos: both brokers, five minutes each; --short: about a minute, what the test
+     suite runs; --no-results: do not touch bench/RESULTS.md)
+
+Set-up: the embedded broker (or Apache Kafka), a private redis-server with AOF
+(``appendfsync always``), two workers, the HTTP collector. Load: the synthetic onboarding
+stream (anonymous visits, identify, steps, features; a fifth of it through the collector's
+``/v1/batch`` with retries, as SDKs do), 1 % malformed records, and a *stall cohort*: users
+who start a step of their own flow and never finish it, users who finish it in a second,
+and users who start it having refused personalization.
+
+Faults, drawn from the seed over the load (each at least once): SIGKILL a worker (a new
+one starts), SIGTERM a worker (rolling restart), freeze Redis (SIGSTOP), crash and restart
+Redis (SIGKILL; AOF replays), freeze the broker, fill Redis to ``maxmemory`` (noeviction)
+and free it, add a worker, remove one; on Apache Kafka also restart the broker.
+
+The oracle replays what was produced through a small model of its own (not the engine's):
+* every user's profile has exactly their distinct valid events (the anonymous visit linked
+  by ``identify`` included), the steps they completed, and the anonymous id merged in;
+* the dead-letter topic holds exactly the malformed records (copies counted, not failures);
+* every stuck cohort user has exactly one ``stalled_step`` decision (delivered or held out),
+  no finisher and no opted-out user any; an occurrence never has two trigger ids (re-sent
+  copies of one id are counted and reported);
+* segment changes alternate entered/exited per user and segment.
+
+It prints a table (faults, time to recover after each, events, invariants, worst trigger
+lag), replaces its section of bench/RESULTS.md and exits 1 on any violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_section
+
+from stream_app.contract import iso_ms, parse_timestamp
+from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
+from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis
+from stream_app.settings import Settings
+from stream_app.synthetic import generate_users, interleaved_stream, record_key
+from stream_app.topics import apply_topics
+
+SECTION = "## Chaos: faults under live load, checked by an independent oracle"
+console = Console()
+COHORT_FLOW, COHORT_STEP = "chaos", "wait"
+STALL_MEAN_S = 3.0  # stalled after 6 s
+TRIGGERS = f"""
+[limits]
+cap_per_day = 1000
+allowed_lateness = 0
+max_delay = 3600
+[stalled_step]
+multiplier = 2.0
+min_samples = 100000
+default_mean = {STALL_MEAN_S}
+min_threshold = 0.5
+cooldown = 0
+holdout = 0.1
+[[stalled_step.actions]]
+action = {{ kind = "in_app_tutorial" }}
+"""
+FAULTS = (
+    "sigkill_worker",
+    "sigterm_worker",
+    "freeze_redis",
+    "restart_redis",
+    "freeze_broker",
+    "fill_redis",
+    "add_worker",
+    "remove_worker",
+)
+
+
+@dataclass
+class Fault:
+    at_s: float
+    kind: str
+    hold_s: float
+    started: float = 0.0
+    ended: float = 0.0
+    recovered_s: float | None = None
+    note: str = ""
+
+
+def schedule(seed: int, seconds: float, kinds: tuple[str, ...]) -> list[Fault]:
+    """Every kind once, in a seeded order, spread over the first 70 % of the load."""
+    rng = random.Random(seed)
+    order = list(kinds)
+    rng.shuffle(order)
+    span = seconds * 0.7
+    gap = span / len(order)
+    return [
+        Fault(
+            at_s=seconds * 0.08 + i * gap + rng.uniform(0, gap * 0.2),
+            kind=kind,
+            hold_s=round(rng.uniform(2, min(12, max(3, gap * 0.5))), 1)
+            if kind.startswith(("freeze", "fill"))
+            else 0.0,
+        )
+        for i, kind in enumerate(order)
+    ]
+
+
+@dataclass
+class Load:
+    """What was produced: the oracle's input."""
+
+    valid: dict[str, dict[str, Any]] = field(default_factory=dict)  # messageId -> event
+    bad: list[bytes] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)
+    finishers: list[str] = field(default_factory=list)
+    opted_out: list[str] = field(default_factory=list)
+    http_retries: int = 0
+    done: bool = False
+
+
+class Cluster:
+    """Broker, Redis and engine processes of one chaos run."""
+
+    def __init__(self, broker_kind: str, workdir: Path) -> None:
+        self.broker_kind, self.workdir = broker_kind, workdir
+        self.broker: EmbeddedBroker | ApacheKafka = (
+            ApacheKafka().start() if broker_kind == "kafka" else EmbeddedBroker().start()
+        )
+        self.redis = EmbeddedRedis().start(extra=["--appendonly", "yes", "--appendfsync", "always"])
+        tag = f"chaos{uuid.uuid4().hex[:6]}"
+        triggers = workdir / "triggers.toml"
+        triggers.write_text(TRIGGERS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
+            REDIS_URL=self.redis.url,
+            REDIS_KEY_PREFIX=tag,
+            APP_ID=tag,
+            TOPIC_EVENTS=f"events-{tag}",
+            TOPIC_DLQ=f"dlq-{tag}",
+            TOPIC_TRIGGERS=f"triggers-{tag}",
+            TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
+            TOPIC_SEGMENTS=f"segments-{tag}",
+            TRIGGERS_FILE=str(triggers),
+            TIMER_INTERVAL_SECONDS="0.25",
+            REDIS_TIMEOUT_SECONDS="1",
+            BATCH_ATTEMPT_TIMEOUT_SECONDS="5",
+            SHUTDOWN_TIMEOUT_SECONDS="10",
+            KAFKA_SESSION_TIMEOUT_SECONDS="10",
+            PII_HASH_SALT="chaos-salt",
+            LOG_LEVEL="INFO",
+            COLLECTOR_WRITE_KEYS="chaos=wk-chaos",
+            COLLECTOR_PRODUCE_TIMEOUT_SECONDS="5",
+        )
+        self.env = env
+        self.settings = Settings(
+            **{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields}
+        )
+        apply_topics(self.settings, self.bootstrap)
+        self.workers: list[EngineProcess] = []
+        self.spawned = 0
+        self.collector = EngineProcess(
+            "collector", env, workdir / "collector.log", "COLLECTOR_PORT", collector_ready
+        ).start()
+        self.collector.wait_ready(60)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def add_worker(self, wait: bool = True) -> EngineProcess:
+        self.spawned += 1
+        worker = EngineProcess(
+            "worker", self.env, self.workdir / f"worker{self.spawned}.log", "WEB_PORT", worker_ready
+        ).start()
+        if wait:
+            worker.wait_ready(120)
+        self.workers.append(worker)
+        return worker
+
+    def live(self) -> list[EngineProcess]:
+        return [w for w in self.workers if w.alive]
+
+    def lag(self) -> float | None:
+        """Records not yet processed, summed over the live workers (None: none answers)."""
+        total, answered = 0.0, False
+        for w in self.live():
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(w.url + "/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+                answered = True
+                for line in text.splitlines():
+                    if line.startswith("onboarding_consumer_lag_records{") and 'position="processed"' in line:
+                        total += float(line.rsplit(" ", 1)[1])
+        return total if answered else None
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop(20)
+        self.collector.stop(20)
+        self.redis.stop()
+        if isinstance(self.broker, ApacheKafka):
+            self.broker.close()
+        else:
+            self.broker.stop()
+
+
+def cohort_event(uid: str, name: str, at_ms: int, n: int, consent: bool = True) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "messageId": f"{uid}-{n}",
+        "userId": uid,
+        "timestamp": iso_ms(at_ms),
+        "event": name,
+        "properties": {"flow": COHORT_FLOW, "step": COHORT_STEP},
+        "context": {"consent": {"categoryPreferences": {"personalization": consent}}},
+    }
+
+
+BAD = (
+    b"{not json",
+    b"[1,2,3]",
+    orjson.dumps({"type": "track", "userId": "u", "event": "x"}),  # no messageId
+    orjson.dumps({"type": "teleport", "messageId": "m", "userId": "u"}),
+)
+
+
+def produce_load(cluster: Cluster, load: Load, seconds: float, rate: float, seed: int) -> None:
+    """Produce for ``seconds`` at ``rate`` events/s; a fifth through the collector."""
+    rng = random.Random(seed)
+    users = generate_users(max(50, int(rate * seconds / 25)), seed)
+    stream: Iterator[dict[str, Any]] = interleaved_stream(
+        users, int(time.time() * 1000), seed, time_scale=0.01, arrival_spread_s=seconds * 50
+    )
+    producer = Producer(
+        {"bootstrap.servers": cluster.bootstrap, "linger.ms": 20, "acks": "all", "enable.idempotence": True}
+    )
+    topic = cluster.settings.topic_events
+    batch_http: list[dict[str, Any]] = []
+    started = time.monotonic()
+    sent = 0
+    cohort_n = 0
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            event = next(stream, None)
+            if event is None:
+                break
+            sent += 1
+            load.valid[event["messageId"]] = event
+            if rng.random() < 0.2:
+                batch_http.append(event)
+            else:
+                producer.produce(topic, key=record_key(event), value=orjson.dumps(event))
+            if rng.random() < 0.01:
+                raw = rng.choice(BAD) + b" " * len(load.bad)  # each one distinct, still malformed
+                load.bad.append(raw)
+                producer.produce(topic, key=b"bad", value=raw)
+            producer.poll(0)
+        if len(batch_http) >= 20:
+            post_batch(cluster, batch_http, load)
+            batch_http = []
+        if time.monotonic() - started > cohort_n * 1.5 and time.monotonic() - started < seconds * 0.85:
+            now = int(time.time() * 1000)
+            cohort_n += 1
+            kind = ("stuck", "stuck", "finisher", "optout")[cohort_n % 4]
+            uid = f"cohort-{kind}-{cohort_n}-{uuid.uuid4().hex[:4]}"
+            events = [cohort_event(uid, "Onboarding Step Started", now, 1, consent=kind != "optout")]
+            if kind == "finisher":
+                events.append(cohort_event(uid, "Onboarding Step Completed", now + 1000, 2))
+            {"stuck": load.stuck, "finisher": load.finishers, "optout": load.opted_out}[kind].append(uid)
+            for event in events:
+                load.valid[event["messageId"]] = event
+                producer.produce(topic, key=uid.encode(), value=orjson.dumps(event))
+        time.sleep(0.02)
+    if batch_http:
+        post_batch(cluster, batch_http, load)
+    while producer.flush(10) > 0:
+        console.log("waiting for the broker to take the last records…")
+    load.done = True
+
+
+def post_batch(cluster: Cluster, events: list[dict[str, Any]], load: Load) -> None:
+    """POST /v1/batch until the collector says 200, as the SDKs retry (same messageIds)."""
+    body = orjson.dumps({"batch": events, "writeKey": "wk-chaos"})
+    delay = 0.2
+    while True:
+        request = urllib.request.Request(
+            cluster.collector.url + "/v1/batch", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        load.http_retries += 1
+        time.sleep(delay)
+        delay = min(delay * 2, 5)
+
+
+def inject(cluster: Cluster, fault: Fault, rng: random.Random) -> None:
+    fault.started = time.monotonic()
+    kind = fault.kind
+    if kind in ("sigkill_worker", "sigterm_worker", "remove_worker"):
+        live = cluster.live()
+        if kind == "remove_worker" and len(live) < 2:
+            fault.note = "only one worker: skipped removal"
+        elif live:
+            victim = rng.choice(live)
+            assert victim.proc is not None
+            if kind == "sigkill_worker":
+                victim.kill()
+            else:
+                began = time.monotonic()
+                victim.stop(30)
+                fault.note = f"exited in {time.monotonic() - began:.1f} s"
+            if kind != "remove_worker":
+                cluster.add_worker()
+    elif kind == "add_worker":
+        cluster.add_worker()
+    elif kind in ("freeze_redis", "freeze_broker"):
+        pid = cluster.redis.pid if kind == "freeze_redis" else cluster.broker.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(fault.hold_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    elif kind == "restart_redis":
+        cluster.redis.crash_and_restart(down_s=2.0)
+    elif kind == "restart_broker":
+        assert isinstance(cluster.broker, ApacheKafka)
+        cluster.broker.stop()
+        time.sleep(2)
+        cluster.broker.start()
+    elif kind == "fill_redis":
+        client = redis.Redis.from_url(cluster.redis.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+        time.sleep(fault.hold_s)
+        client.config_set("maxmemory", 0)
+    fault.ended = time.monotonic()
+
+
+def recovery(cluster: Cluster, fault: Fault, rate: float, limit_s: float = 120) -> None:
+    """Seconds from the end of the fault until the backlog is below two seconds of load."""
+    while time.monotonic() - fault.ended < limit_s:
+        lag = cluster.lag()
+        if lag is not None and lag <= max(50, 2 * rate):
+            fault.recovered_s = time.monotonic() - fault.ended
+            return
+        time.sleep(0.5)
+
+
+def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[tuple[Any, int]]:
+    """Every record of ``topic`` (value, record timestamp ms), until idle for ``idle_s``."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"oracle-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out: list[tuple[Any, int]] = []
+    last = time.monotonic() + 3
+    while time.monotonic() - last < idle_s:
+        msg = consumer.poll(0.2)
+        if msg is not None and not msg.error():
+            out.append((msg.value(), msg.timestamp()[1]))
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+@dataclass
+class Verdict:
+    checks: dict[str, int] = field(default_factory=dict)  # invariant -> items checked
+    violations: list[str] = field(default_factory=list)
+    resent_copies: int = 0
+    dlq_copies: int = 0
+    worst_trigger_lag_s: float = 0.0
+
+    def fail(self, message: str) -> None:
+        if len(self.violations) < 50:
+            self.violations.append(message)
+
+
+def expected_profiles(load: Load) -> dict[str, dict[str, Any]]:
+    """The oracle's own model: per user, distinct valid events (an anonymous id's events count
+    for the user whose identify links it), completed steps per flow, merged anonymous ids."""
+    anon_of: dict[str, str] = {}
+    for event in load.valid.values():
+        if event["type"] == "identify" and event.get("anonymousId"):
+            anon_of.setdefault(event["anonymousId"], event["userId"])
+    model: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"events": 0, "steps": defaultdict(set), "merged": set()}
+    )
+    for event in load.valid.values():
+        owner = event.get("userId") or anon_of.get(event.get("anonymousId", ""))
+        if owner is None:
+            continue
+        entry = model[owner]
+        entry["events"] += 1
+        if event.get("anonymousId") and not event.get("userId"):
+            entry["merged"].add(event["anonymousId"])
+        if event.get("event") == "Onboarding Step Completed":
+            entry["steps"][event["properties"]["flow"]].add(event["properties"]["step"])
+    return model
+
+
+def check(cluster: Cluster, load: Load, verdict: Verdict) -> None:
+    client = redis.Redis.from_url(cluster.redis.url)
+    prefix = cluster.settings.redis_key_prefix
+    model = expected_profiles(load)
+
+    def stored(uid: str) -> dict[str, Any] | None:
+        raw = client.hget(f"{prefix}:p:{{{uid}}}", "d")
+        return orjson.loads(raw) if raw else None
+
+    deadline = time.monotonic() + 240
+    pending = list(model)
+    while pending and time.monotonic() < deadline:  # let the backlog drain
+        pending = [u for u in pending if (stored(u) or {}).get("event_count") != model[u]["events"]]
+        if pending:
+            time.sleep(2)
+    verdict.checks["profiles"] = len(model)
+    for uid, want in model.items():
+        doc = stored(uid)
+        if doc is None:
+            verdict.fail(f"{uid}: no profile")
+            continue
+        if doc.get("event_count") != want["events"]:
+            verdict.fail(f"{uid}: {doc.get('event_count')} events stored, {want['events']} sent")
+        steps = {f: set(s["completed_steps"]) for f, s in doc.get("onboarding", {}).items()}
+        if {f: s for f, s in steps.items() if s} != {f: s for f, s in want["steps"].items() if s}:
+            verdict.fail(f"{uid}: completed steps {steps} != {dict(want['steps'])}")
+        if not want["merged"] <= set(doc.get("merged_from", [])):
+            verdict.fail(f"{uid}: anonymous ids {want['merged']} not merged")
+
+    bootstrap = cluster.bootstrap
+    dead = Counter(value for value, _ts in read_topic(bootstrap, cluster.settings.topic_dlq))
+    verdict.checks["dead letters"] = len(load.bad)
+    for raw in set(load.bad) - set(dead):
+        verdict.fail(f"malformed record not in the DLQ: {raw[:40]!r}")
+    for raw in set(dead) - set(load.bad):
+        verdict.fail(f"unexpected DLQ record: {raw[:60]!r}")
+    verdict.dlq_copies = sum(n - 1 for n in dead.values() if n > 1)
+
+    time.sleep(STALL_MEAN_S * 2 + 3)  # the last cohort's deadlines
+    decisions: list[tuple[dict[str, Any], int]] = []
+    for topic in (cluster.settings.topic_triggers, cluster.settings.topic_triggers_holdout):
+        decisions += [(orjson.loads(v), ts) for v, ts in read_topic(bootstrap, topic)]
+    ids_per_occurrence: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    copies: Counter[str] = Counter()
+    cohort_stalls: dict[str, set[str]] = defaultdict(set)
+    any_trigger: set[str] = set()
+    for value, ts in decisions:
+        copies[value["trigger_id"]] += 1
+        any_trigger.add(value["user_id"])
+        if value["type"] != "stalled_step":
+            continue
+        ev = value["evidence"]
+        ids_per_occurrence[(value["user_id"], ev["flow"], ev["step"], ev["step_started_at"])].add(
+            value["trigger_id"]
+        )
+        if ev["flow"] == COHORT_FLOW:
+            cohort_stalls[value["user_id"]].add(value["trigger_id"])
+            lag = ts / 1000 - parse_timestamp(value["due_at"]) / 1000
+            verdict.worst_trigger_lag_s = max(verdict.worst_trigger_lag_s, lag)
+    verdict.resent_copies = sum(n - 1 for n in copies.values() if n > 1)
+    verdict.checks["stall occurrences"] = len(ids_per_occurrence)
+    for occurrence, ids in ids_per_occurrence.items():
+        if len(ids) > 1:
+            verdict.fail(f"one stall occurrence, {len(ids)} trigger ids: {occurrence}")
+    verdict.checks["cohort users"] = len(load.stuck) + len(load.finishers) + len(load.opted_out)
+    for uid in load.stuck:
+        if len(cohort_stalls.get(uid, ())) != 1:
+            verdict.fail(f"stuck {uid}: {len(cohort_stalls.get(uid, ()))} stalled_step decisions")
+    for uid in load.finishers:
+        if uid in cohort_stalls:
+            verdict.fail(f"finisher {uid} got a stalled_step")
+    for uid in load.opted_out:
+        if uid in any_trigger:
+            verdict.fail(f"opted-out {uid} got a trigger")
+
+    changes = [orjson.loads(v) for v, _ts in read_topic(bootstrap, cluster.settings.topic_segments)]
+    seen: set[str] = set()
+    state: dict[tuple[str, str, str], str] = {}
+    for change in changes:  # per user one partition: in order
+        if change["change_id"] in seen:
+            continue
+        seen.add(change["change_id"])
+        key = (change["user_id"], change["source"], change["segment"])
+        before = state.get(key, "exited")
+        if change["change"] == before:
+            verdict.fail(f"segment change {change['change']} twice in a row: {key}")
+        state[key] = change["change"]
+    verdict.checks["segment changes"] = len(seen)
+
+
+def run(args: argparse.Namespace) -> int:
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"chaos-{uuid.uuid4().hex[:6]}"
+    workdir.mkdir(parents=True)
+    kinds = FAULTS + (("restart_broker",) if args.broker == "kafka" else ())
+    faults = schedule(args.seed, args.seconds, kinds)
+    rng = random.Random(args.seed)
+    load = Load()
+    console.print(
+        f"[bold]chaos[/] seed {args.seed}, {args.seconds:.0f} s on {args.broker}, logs in {workdir}"
+    )
+    cluster = Cluster(args.broker, workdir)
+    verdict = Verdict()
+    started = time.monotonic()
+    try:
+        with console.status("starting two workers…"):
+            cluster.add_worker()
+            cluster.add_worker()
+        producer = threading.Thread(
+            target=produce_load, args=(cluster, load, args.seconds, args.rate, args.seed), daemon=True
+        )
+        started = time.monotonic()
+        producer.start()
+        for fault in faults:
+            while time.monotonic() - started < fault.at_s:
+                time.sleep(0.2)
+            console.log(f"fault: {fault.kind}" + (f" for {fault.hold_s} s" if fault.hold_s else ""))
+            inject(cluster, fault, rng)
+            recovery(cluster, fault, args.rate)
+            console.log(
+                f"  recovered in {fault.recovered_s:.1f} s"
+                if fault.recovered_s is not None
+                else "  not recovered"
+            )
+        producer.join()
+        with console.status("draining, then checking with the oracle…"):
+            check(cluster, load, verdict)
+    finally:
+        cluster.close()
+    elapsed = time.monotonic() - started
+    report(args, faults, load, verdict, elapsed)
+    return 1 if verdict.violations else 0
+
+
+def report(
+    args: argparse.Namespace, faults: list[Fault], load: Load, verdict: Verdict, elapsed: float
+) -> None:
+    table = Table(title=f"chaos, seed {args.seed}, {args.broker}")
+    table.add_column("fault")
+    table.add_column("at", justify="right")
+    table.add_column("held", justify="right")
+    table.add_column("recovered after", justify="right")
+    table.add_column("note")
+    rows = []
+    for f in faults:
+        recovered = f"{f.recovered_s:.1f} s" if f.recovered_s is not None else "not within 120 s"
+        held = f"{f.hold_s:.1f} s" if f.hold_s else "—"
+        table.add_row(f.kind, f"{f.at_s:.0f} s", held, recovered, f.note)
+        rows.append(f"| {f.kind} | {f.at_s:.0f} s | {held} | {recovered} | {f.note} |")
+    console.print(table)
+    checks = ", ".join(f"{name}: {n}" for name, n in verdict.checks.items())
+    summary = (
+        f"{len(load.valid)} valid events ({load.http_retries} HTTP retries), {len(load.bad)} malformed; "
+        f"checked {checks}; re-sent trigger copies (same id): {verdict.resent_copies}; dead-letter "
+        f"copies: {verdict.dlq_copies}; worst stalled-step lag after its deadline: "
+        f"{verdict.worst_trigger_lag_s:.1f} s; **violations: {len(verdict.violations)}**"
+    )
+    console.print(summary)
+    for v in verdict.violations[:20]:
+        console.print(f"[red]violation[/] {v}")
+    if args.no_results:
+        return
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`python bench/chaos.py --seconds {args.seconds:.0f} --seed {args.seed} --broker {args.broker}` "
+            f"({time.strftime('%Y-%m-%d')}, {elapsed:.0f} s; {machine()}). Two workers, the collector, "
+            "Redis with AOF (`appendfsync always`); faults drawn from the seed; the oracle is "
+            "`expected_profiles`/`check` in bench/chaos.py, not the engine's code.",
+            "",
+            "| fault | at | held | recovered after (backlog < 2 s of load) | note |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            summary,
+            "",
+            *(f"- violation: {v}" for v in verdict.violations[:20]),
+        ]
+    )
+    write_section(SECTION + f" ({args.broker})", text.replace(SECTION, SECTION + f" ({args.broker})", 1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seconds", type=float, default=300, help="length of the load (default 300)")
+    parser.add_argument("--rate", type=float, default=300, help="events per second (default 300)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--broker", choices=["embedded", "kafka"], default="embedded")
+    parser.add_argument("--short", action="store_true", help="about a minute: what the test suite runs")
+    parser.add_argument("--no-results", action="store_true", help="do not write bench/RESULTS.md")
+    args = parser.parse_args()
+    if args.short:
+        args.seconds, args.rate = 60, 150
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
