@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench chaos clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+chaos: setup
+	$(BIN)/python bench/chaos.py --seconds 300 --broker embedded
+	$(BIN)/python bench/chaos.py --seconds 300 --broker kafka
 
 bench: setup
 	$(BIN)/python bench/throughput.py

@@ -10,6 +10,7 @@ internal (no exception texts).
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from stream_app.worker.reader import ProfileReader
+
+log = logging.getLogger(__name__)
 
 
 class HealthCheck(Protocol):
@@ -46,7 +49,16 @@ def register(
                     content_type="application/json",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-            return await view(self, request, *args, **kwargs)
+            try:
+                return await view(self, request, *args, **kwargs)
+            except Exception:  # the store is down or a bug: logged here, never shown to the caller
+                log.exception("a request failed", extra={"path": str(getattr(request, "path", ""))})
+                return self.bytes(
+                    orjson.dumps({"error": "unavailable", "message": "try again later"}),
+                    status=503,
+                    content_type="application/json",
+                    headers={"Retry-After": "5"},
+                )
 
         return check
 

@@ -122,6 +122,8 @@ def test_readyz_fails_while_redis_is_frozen_and_healthz_does_not(
                 worker.tail,
             )
             assert worker.get("/healthz")[0] == 200  # alive: a restart would not help
+            status, error = worker.get("/profiles/user-32-0")  # no internals in an error body
+            assert (status, error) == (503, {"error": "unavailable", "message": "try again later"})
             assert "Error" not in str(body) and "Traceback" not in str(body)  # no internals
         finally:
             os.kill(private_redis._proc.pid, signal.SIGCONT)
