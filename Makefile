@@ -23,7 +23,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 chaos: setup
 	$(BIN)/python bench/chaos.py --seconds 300 --broker embedded

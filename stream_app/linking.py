@@ -142,12 +142,19 @@ class IdentityLinker:
         self, doc: Profile, source: str, snapshot: Profile, at_ms: int | None
     ) -> list[OutboxMessage]:
         """The source's memberships end with the link; the target's outbox carries the exits,
-        so they are published (and re-published after a crash) like its own changes."""
+        so they are published (and re-published after a crash) like its own changes.
+
+        The source's own outbox may not be known as published (its worker died between the
+        write and the publish, or is publishing right now): a tombstone publishes nothing, so
+        those messages travel ahead of the exits (same ids; a copy is deduplicated), or an
+        "entered" could be lost while its "exited" goes out."""
         when = at_ms if at_ms is not None else (snapshot.get("last_seen_ms") or 0)
         exits = [segment_change(m) for m in linked_exits(source, snapshot.get("engine"), when)]
-        if exits:
+        pending, _key = self.outbox.unpublished(snapshot)
+        if exits or pending:
             engine_state(doc)
             # an outbox already published here is replaced, not re-sent
             kept = [] if self.outbox.published(outbox_key(doc)) else stored_outbox(doc)
-            store_outbox(doc, [*kept, *exits])
-        return exits
+            ids = {m.id for m in kept}
+            store_outbox(doc, [*kept, *(m for m in pending if m.id not in ids), *exits])
+        return exits  # the memberships ended now (the carried messages were counted when decided)

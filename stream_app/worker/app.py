@@ -277,6 +277,23 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     async def _revoked(app: faust.App, revoked: Any, *args: Any, **kwargs: Any) -> None:
         runtime.timer.owned -= {tp.partition for tp in revoked if tp.topic == events_name}
         log.info("partitions revoked", extra={"revoked": sorted(tp.partition for tp in revoked)})
+        # Let the pass in hand (a batch or a timer pass) publish what it decided and record it
+        # before the partitions' next owner loads those profiles: otherwise the new owner finds
+        # the outbox not yet marked published and sends it again (same ids, but twice).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.batch_attempt_timeout_seconds):
+                async with runtime.lock:
+                    pass
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _quiesce(app: faust.App, *args: Any, **kwargs: Any) -> None:
+        """On SIGTERM, once intake stopped: wait for the pass in hand to finish publishing and
+        recording its outputs, then hold the lock so that no other pass starts (a pass cut in
+        half by the shutdown would leave its outbox to be sent again by the next owner)."""
+        try:
+            await asyncio.wait_for(runtime.lock.acquire(), settings.shutdown_timeout_seconds / 3)
+        except TimeoutError:
+            log.warning("shutdown: the batch in hand did not finish in time; it is redelivered")
 
     return app, runtime
 

@@ -103,11 +103,20 @@ class Publisher:
         self.metrics.dead_letters_published.inc(len(futures))
 
     async def reactions(self, outcome: Reactions) -> None:
-        """Segment changes and triggers, delivered before the batch (or timer pass) is acked."""
+        """Segment changes and triggers, delivered before the batch (or timer pass) is acked.
+
+        Sending and recording the send go together: a pass cancelled meanwhile (an attempt
+        timeout, a shutdown) still records what it sent, so nobody sends it again."""
+        await asyncio.shield(self._deliver(outcome))
+        self._count(outcome)
+
+    async def _deliver(self, outcome: Reactions) -> None:
         await self.send(outcome.outbox)
         self.outbox.mark_published([key for _pid, key in outcome.outbox_keys])  # this process
         if self.record is not None and outcome.outbox_keys:
             await self.record(dict(outcome.outbox_keys))
+
+    def _count(self, outcome: Reactions) -> None:
         m = self.metrics
         now = time.time()
         for message in outcome.outbox:

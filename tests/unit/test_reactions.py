@@ -56,15 +56,18 @@ def processor(store: InMemoryProfileStore, ctx: ReactionContext | None = None) -
 
 
 async def process(p: EventProcessor, recs: Any) -> BatchOutcome:
-    """What the runtime does: process, publish, then remember the outbox as published."""
+    """What the runtime does: process, publish, then remember the outbox as published (in the
+    process, and on the stored profiles, as the Publisher does)."""
     out = await p.process(recs)
     p.mark_published(out.outbox_keys)
+    await p.store.mark_published(dict(out.outbox_keys))
     return out
 
 
 async def fire(p: EventProcessor, due: list[tuple[str, int]], now_ms: int) -> TimerOutcome:
     out = await p.fire(0, due, now_ms)
     p.mark_published(out.outbox_keys)
+    await p.store.mark_published(dict(out.outbox_keys))
     return out
 
 
@@ -283,3 +286,20 @@ async def test_link_exits_survive_a_crash_before_publishing() -> None:
     replay = await process(restarted, records(ev("identify", "i1", uid="u8", anon="anon-8", at=5)))
     exits = [c for c in sent(replay, SEGMENTS) if c["user_id"] == "anon-8"]
     assert exits and all(c["change"] == "exited" for c in exits)
+
+
+async def test_a_visitors_unpublished_entries_go_out_ahead_of_the_link_exits() -> None:
+    """The visitor's worker wrote its segment entries and died before publishing them; the
+    identify arrives on another worker, which tombstones the visitor: the entries are sent
+    with the target's outbox, before the exits, so no consumer sees an exit without an entry."""
+    store = InMemoryProfileStore()
+    died = processor(store)
+    visit = await died.process(records(start(uid="", mid="a1") | {"anonymousId": "anon-9"}))  # not published
+    entered = [c for c in sent(visit, SEGMENTS) if c["user_id"] == "anon-9"]
+    assert entered and all(c["change"] == "entered" for c in entered)
+    other = processor(store)
+    linked = await process(other, records(ev("identify", "i1", uid="u9", anon="anon-9", at=5)))
+    order = [(c["change"], c["change_id"]) for c in sent(linked, SEGMENTS) if c["user_id"] == "anon-9"]
+    assert [change for change, _id in order] == ["entered"] * len(entered) + ["exited"] * len(entered)
+    assert {cid for change, cid in order if change == "entered"} == {c["change_id"] for c in entered}
+    assert linked.size_deltas.get("rule:passive", 0) <= 0  # the carried entries were counted before
