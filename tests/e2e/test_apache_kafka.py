@@ -129,3 +129,85 @@ def test_a_broker_restart_with_its_logs_kept_loses_nothing_and_doubles_nothing(
         finally:
             collector.stop()
             worker.stop()
+
+
+def test_an_acl_denial_is_a_permanent_error_its_records_are_parked_and_the_rest_goes_on(
+    secured_kafka: ApacheKafka, private_redis_url: str, tmp_path: Path
+) -> None:
+    """The worker's principal may not write the segments topic: that is no outage. Records
+    whose effects cannot be published are parked on the dead-letter topic (reason
+    ``processing_failed``, the error named) after BATCH_PERMANENT_ATTEMPTS, the worker stays
+    up, and records that publish nothing denied (invalid ones, here) still go through."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    admin_env = sasl_ssl_env(secured_kafka, "admin", "admin-secret")
+    deployment = make_deployment(secured_kafka.sasl_ssl_bootstrap, private_redis_url, **admin_env)
+    s = deployment.settings
+    admin = AdminClient({"bootstrap.servers": secured_kafka.bootstrap})  # ANONYMOUS: a super user
+    principal = "User:engine"
+    allow, deny = AclPermissionType.ALLOW, AclPermissionType.DENY
+    literal = ResourcePatternType.LITERAL
+    acls = [
+        AclBinding(ResourceType.TOPIC, "*", literal, principal, "*", AclOperation.ALL, allow),
+        AclBinding(ResourceType.GROUP, "*", literal, principal, "*", AclOperation.ALL, allow),
+        AclBinding(ResourceType.BROKER, "kafka-cluster", literal, principal, "*", AclOperation.ALL, allow),
+        AclBinding(ResourceType.TOPIC, s.topic_segments, literal, principal, "*", AclOperation.WRITE, deny),
+    ]
+    for future in admin.create_acls(acls).values():
+        future.result(timeout=30)
+
+    env = dict(
+        deployment.env,
+        **sasl_ssl_env(secured_kafka, "engine", "engine-secret"),
+        BATCH_PERMANENT_ATTEMPTS="2",
+        BATCH_MAX_EVENTS="20",
+    )
+    worker = WorkerHandle(env, tmp_path / "worker.log")
+    try:
+        worker.start()
+        users = [f"acl-{i}" for i in range(3)]
+        events = [
+            {
+                "type": "track",
+                "event": "Onboarding Step Started",
+                "userId": uid,
+                "messageId": f"acl-{uid}-1",
+                "timestamp": "2026-12-01T00:00:00Z",
+                "properties": {"flow": "signup", "step": "profile"},
+            }
+            for uid in users
+        ]
+        deployment.send([*events, (b"acl-bad", b"{not json")])
+        wait_until(
+            lambda: worker.metric("onboarding_records_parked_total") >= len(events),
+            120,
+            "records parked",
+            worker.tail,
+        )
+        assert worker.proc is not None and worker.proc.poll() is None  # up, not crashed
+        assert worker.get("/healthz")[0] == 200
+
+        reader = Consumer({"bootstrap.servers": secured_kafka.bootstrap, "group.id": "acl-reader"})
+        reader.assign([TopicPartition(s.topic_dlq, p, OFFSET_BEGINNING) for p in range(8)])
+        letters: dict[bytes, dict[str, str]] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(letters) < len(events) + 1:
+            msg = reader.poll(0.5)
+            if msg is not None and not msg.error():
+                letters[msg.value()] = {k: v.decode() for k, v in msg.headers() or []}
+        reader.close()
+        parked = [h for h in letters.values() if h["dlq.reason"] == "processing_failed"]
+        assert len(parked) == len(events), letters
+        assert all("TopicAuthorizationFailed" in h["dlq.message"] for h in parked), parked
+        assert letters[b"{not json"]["dlq.reason"] == "not_json"  # the rest went on
+        assert "record parked on the dead-letter topic" in worker.tail()
+    finally:
+        worker.stop()

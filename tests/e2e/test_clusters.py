@@ -40,6 +40,7 @@ def stored_clusters(worker: Any, users: list[str], applied: bool = True) -> dict
     return out
 
 
+@pytest.mark.brokers("embedded")  # assignment does not depend on the broker
 def test_a_backlog_deployed_before_the_first_model_is_clustered_once(
     deployment: Deployment, worker_factory: Any
 ) -> None:

@@ -371,3 +371,5 @@ def test_a_paused_broker_gets_503s_and_after_the_retries_every_event_counts_once
         time.sleep(2)
         assert applied(worker) == sent  # retried requests and late deliveries dropped by messageId
         check_profiles(worker, users, sent // len(users))
+        collector.stop()  # while their broker still runs (a clean exit, not the SIGKILL after 15 s)
+        worker.stop()

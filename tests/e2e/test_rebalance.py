@@ -95,7 +95,11 @@ def trigger_ids(triggers: list[Any]) -> dict[str, list[str]]:
     return dict(ids)
 
 
-@pytest.mark.parametrize("leave", ["terminate", "sigkill"])
+# a graceful leave on Apache Kafka is covered by the rolling-restart test (test_operations)
+GRACEFUL = pytest.param("terminate", marks=pytest.mark.brokers("embedded"))
+
+
+@pytest.mark.parametrize("leave", [GRACEFUL, "sigkill"])
 def test_stall_fires_exactly_once_per_user_across_rebalance(
     deployment: Deployment, worker_factory: Any, tmp_path: Path, leave: str
 ) -> None:

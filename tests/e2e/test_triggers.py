@@ -101,6 +101,7 @@ def stalled_counts(triggers: list[Any]) -> Counter[str]:
     return Counter(t["user_id"] for t in triggers if t["type"] == "stalled_step")
 
 
+@pytest.mark.brokers("embedded")  # on Apache Kafka: the rebalance and rolling-restart tests
 def test_stalled_user_gets_exactly_one_trigger_finisher_and_opted_out_none(
     deployment: Deployment, worker_factory: Any, tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ def test_stalled_user_gets_exactly_one_trigger_finisher_and_opted_out_none(
     assert "engine" not in profile and "passive" in profile["segments"]
 
 
+@pytest.mark.brokers("embedded")  # on Apache Kafka: the rebalance and rolling-restart tests
 def test_sigkill_with_pending_deadlines_then_restart_fires_each_once(
     deployment: Deployment, worker_factory: Any, tmp_path: Path
 ) -> None:
