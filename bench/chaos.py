@@ -448,8 +448,14 @@ def check(cluster: Cluster, load: Load, verdict: Verdict) -> None:
     model = expected_profiles(load)
 
     def stored(uid: str) -> dict[str, Any] | None:
-        raw = client.hget(f"{prefix}:p:{{{uid}}}", "d")
-        return orjson.loads(raw) if raw else None
+        for _ in range(300):  # a Redis just restarted answers LOADING while it replays its AOF
+            try:
+                raw = client.hget(f"{prefix}:p:{{{uid}}}", "d")
+            except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError):
+                time.sleep(0.2)
+                continue
+            return orjson.loads(raw) if raw else None
+        raise RuntimeError("Redis did not answer for a minute")
 
     deadline = time.monotonic() + 240
     pending = list(model)

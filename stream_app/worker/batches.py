@@ -55,10 +55,23 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
+#: error codes of a Redis reply that name a passing server state, whatever class the client
+#: maps them to (a reply error inside a pipeline or a script can arrive as a plain
+#: ResponseError): out of memory, loading, a busy script, failover, persistence failing
+_TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
+                      "NOREPLICAS", "MISCONF", "UNBLOCKED")  # fmt: skip
+
+
 def is_transient(exc: BaseException) -> bool:
     """Will the same work succeed later without anyone changing it? (outage vs. poison)"""
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
+    if isinstance(exc, redis_errors.ResponseError):
+        text = str(exc)
+        if "maxmemory" in text or any(
+            text.startswith(code) or f" {code} " in text or f"-{code} " in text for code in _TRANSIENT_REPLIES
+        ):
+            return True
     if type(exc).__module__.startswith("aiokafka"):
         # timeouts and connection loss are outages; aiokafka marks the other retriable errors
         # (leader moved, topic being created); too large, unauthorized, invalid are not
@@ -128,7 +141,7 @@ class BatchRunner:
                     log.warning(
                         "batch failed with an error that does not look like an outage; trying again "
                         "before isolating the records that cause it",
-                        extra={"error": type(exc).__name__, "attempt": failures, "records": len(records)},
+                        extra={"error": repr(exc)[:300], "attempt": failures, "records": len(records)},
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.redis_retry_max_seconds)

@@ -49,6 +49,12 @@ def wrapped(cause: BaseException) -> RuntimeError:
         (wrapped(redis_errors.ConnectionError("refused")), True),
         (redis_errors.ResponseError("ERR Error running script (call to f_1): user_script:3: bad"), False),
         (redis_errors.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
+        # passing server states that arrive as a plain reply error (a pipeline, a script)
+        (redis_errors.ResponseError("command not allowed when used memory > 'maxmemory'."), True),
+        (redis_errors.ResponseError("ERR Error running script: @user_script:1: -OOM not allowed"), True),
+        (redis_errors.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"), True),
+        (redis_errors.ResponseError("LOADING Redis is loading the dataset in memory"), True),
+        (redis_errors.ResponseError("ERR unknown command 'BUSYBOX'"), False),
         (MessageSizeTooLargeError(), False),
         (TopicAuthorizationFailedError(), False),
         (ValueError("a bug tripped by one record"), False),
