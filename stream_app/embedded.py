@@ -411,7 +411,9 @@ class ApacheKafka:
         import base64
         import uuid
 
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-..." reads as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         argv = [
             *self._java("-Xmx128m"),
             "kafka.tools.StorageTool",

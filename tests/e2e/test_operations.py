@@ -244,13 +244,20 @@ def test_rolling_restart_of_two_workers_under_load_loses_nothing_and_sends_no_tr
         lambda: set(stalled_counts(read_topic(deployment, topic, 0.5))) >= set(stuck), 60, "stalls", tails
     )
     time.sleep(2)  # more timer passes: nothing else may come
-    stalls = [t for t in read_topic(deployment, topic) if t["type"] == "stalled_step"]
+    stalls = [t for t in read_topic(deployment, topic, meta=True) if t["type"] == "stalled_step"]
     # a trigger is one stall occurrence (user, flow, step, when the step started): never sent twice
     occurrences = Counter(
         (t["user_id"], t["evidence"]["flow"], t["evidence"]["step"], t["evidence"]["step_started_at"])
         for t in stalls
     )
-    assert {o: n for o, n in occurrences.items() if n > 1} == {}, "a stall was sent twice"
+    twice = {o: n for o, n in occurrences.items() if n > 1}
+    copies = [
+        (t["user_id"], t["trigger_id"][:8], t["created_at"], t["_kafka"])
+        for t in stalls
+        if (t["user_id"], t["evidence"]["flow"], t["evidence"]["step"], t["evidence"]["step_started_at"])
+        in twice
+    ]
+    assert twice == {}, f"a stall was sent twice: {sorted(copies)}\n{tails()}"
     assert len({t["trigger_id"] for t in stalls}) == len(stalls)
     wave = Counter(t["user_id"] for t in stalls if t["user_id"].startswith("roll-"))
     assert wave == dict.fromkeys(stuck, 1)  # each stuck user once, finishers never

@@ -48,8 +48,11 @@ def use_config(deployment: Deployment, tmp_path: Path, mean_s: float) -> None:
     deployment.env["TIMER_INTERVAL_SECONDS"] = "0.1"
 
 
-def read_topic(deployment: Deployment, topic: str, idle_s: float = 2.0, timeout_s: float = 30) -> list[Any]:
-    """Every message of ``topic`` from the beginning, until nothing new arrives for ``idle_s``."""
+def read_topic(
+    deployment: Deployment, topic: str, idle_s: float = 2.0, timeout_s: float = 30, meta: bool = False
+) -> list[Any]:
+    """Every message of ``topic`` from the beginning, until nothing new arrives for ``idle_s``
+    (``meta``: each with ``_kafka``: partition, offset, record timestamp, to tell copies apart)."""
     consumer = Consumer(
         {
             "bootstrap.servers": deployment.settings.kafka_bootstrap_servers,
@@ -66,6 +69,8 @@ def read_topic(deployment: Deployment, topic: str, idle_s: float = 2.0, timeout_
         if msg is not None and not msg.error():
             value = orjson.loads(msg.value())
             assert msg.key() == value["user_id"].encode()
+            if meta:
+                value["_kafka"] = (msg.partition(), msg.offset(), msg.timestamp()[1])
             out.append(value)
             last_new = time.monotonic() + 2.5  # a new consumer needs a moment for its first fetch
     consumer.close()
