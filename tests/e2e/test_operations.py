@@ -260,7 +260,7 @@ def test_rolling_restart_of_two_workers_under_load_loses_nothing_and_decides_eac
         f"stall occurrences: {len(ids)}, re-sent copies (same id): {sum(n - 1 for n in copies.values())}",
         sorted(
             (t["user_id"], t["trigger_id"][:8], t["_kafka"]) for t in stalls if copies[t["trigger_id"]] > 1
-        ),  # noqa: E501
+        ),
     )
     distinct = {t["trigger_id"]: t for t in stalls}.values()
     per_user = Counter(t["user_id"] for t in distinct if t["user_id"].startswith("roll-"))
