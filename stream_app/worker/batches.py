@@ -62,13 +62,21 @@ _TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAG
                       "NOREPLICAS", "MISCONF", "UNBLOCKED")  # fmt: skip
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis at maxmemory under noeviction (Redis 7 names it OOM; 6.2 wraps it, inside a
+    script, in a plain script error)."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, redis_errors.ResponseError) and "maxmemory" in str(exc)
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """Will the same work succeed later without anyone changing it? (outage vs. poison)"""
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
     if isinstance(exc, redis_errors.ResponseError):
         text = str(exc)
-        if "maxmemory" in text or any(
+        if is_out_of_memory(exc) or any(
             text.startswith(code) or f" {code} " in text or f"-{code} " in text for code in _TRANSIENT_REPLIES
         ):
             return True
@@ -149,7 +157,7 @@ class BatchRunner:
                 self.retrying_since = self.retrying_since or time.monotonic()
                 self.metrics.batch_retrying_seconds.set(time.monotonic() - self.retrying_since)
                 self.metrics.store_error(exc)
-                out_of_memory = isinstance(exc, OutOfMemoryError)
+                out_of_memory = is_out_of_memory(exc)
                 self.metrics.redis_out_of_memory.set(int(out_of_memory))
                 log.warning(
                     "Redis is out of memory (maxmemory reached, noeviction): the batch waits; free "

@@ -19,7 +19,7 @@ from stream_app.contract import iso_ms
 from stream_app.errors import ContentionError
 from stream_app.pipeline import BatchOutcome, Record
 from stream_app.settings import Settings
-from stream_app.worker.batches import is_transient
+from stream_app.worker.batches import is_out_of_memory, is_transient
 from stream_app.worker.publisher import MemorySink, Sinks
 from stream_app.worker.runtime import Runtime, Stores
 
@@ -137,3 +137,15 @@ async def test_a_permanent_error_that_goes_away_on_a_retry_parks_nothing() -> No
     runtime = runtime_failing_on({"u3"}, ValueError("flaky"), times=1)
     outcome = await asyncio.wait_for(runtime.batches.handle(batch()), 30)
     assert outcome.applied == 7 and parked(runtime) == []
+
+
+def test_out_of_memory_is_told_from_the_reply_of_redis_7_and_of_6_2() -> None:
+    assert is_out_of_memory(
+        redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    )
+    six = (
+        "Error running script (call to f_0a1b): @user_script:12: "
+        "-OOM command not allowed when used memory > 'maxmemory'"
+    )
+    assert is_out_of_memory(redis_errors.ResponseError(six))
+    assert not is_out_of_memory(redis_errors.ResponseError("WRONGTYPE Operation against a key"))
