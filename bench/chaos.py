@@ -55,7 +55,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section
+from common import isolated_env, machine, write_section
 
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
@@ -150,17 +150,10 @@ class Cluster:
         tag = f"chaos{uuid.uuid4().hex[:6]}"
         triggers = workdir / "triggers.toml"
         triggers.write_text(TRIGGERS)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
-        env.update(
-            KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            REDIS_URL=self.redis.url,
-            REDIS_KEY_PREFIX=tag,
-            APP_ID=tag,
-            TOPIC_EVENTS=f"events-{tag}",
-            TOPIC_DLQ=f"dlq-{tag}",
-            TOPIC_TRIGGERS=f"triggers-{tag}",
-            TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
-            TOPIC_SEGMENTS=f"segments-{tag}",
+        env = isolated_env(
+            self.bootstrap,
+            self.redis.url,
+            tag,
             TRIGGERS_FILE=str(triggers),
             TIMER_INTERVAL_SECONDS="0.25",
             REDIS_TIMEOUT_SECONDS="1",

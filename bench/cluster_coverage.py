@@ -20,7 +20,6 @@ worker is restarted and the ids compared. Results replace the section in bench/R
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import uuid
 from collections import Counter
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 
 import orjson
 import redis
-from common import machine, write_section
+from common import isolated_env, machine, write_section
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
@@ -117,24 +116,14 @@ def observe(client: redis.Redis, prefix: str, archetype: dict[str, str], t: floa
 
 
 def env_for(broker: str, redis_url: str, tag: str, interval: float) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_", "CLUSTER_"))
-    }
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=broker,
-        REDIS_URL=redis_url,
-        REDIS_KEY_PREFIX=tag,
-        APP_ID=tag,
-        TOPIC_EVENTS=f"events-{tag}",
-        TOPIC_DLQ=f"dlq-{tag}",
-        TOPIC_TRIGGERS=f"triggers-{tag}",
-        TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
-        TOPIC_SEGMENTS=f"segments-{tag}",
+    return isolated_env(
+        broker,
+        redis_url,
+        tag,
         CLUSTER_TRAIN_INTERVAL_SECONDS=str(interval),
         PII_HASH_SALT="bench-salt",
         LOG_LEVEL="WARNING",
     )
-    return env
 
 
 def restart_check(run: Run, env: dict[str, str], client: redis.Redis, archetype: dict[str, str]) -> None:

@@ -48,3 +48,24 @@ def write_section(section: str, text: str) -> None:
     else:
         old = old.rstrip() + "\n\n" + text
     RESULTS.write_text(old.rstrip() + "\n")
+
+
+def isolated_env(broker: str, redis_url: str, tag: str, **extra: str) -> dict[str, str]:
+    """The process environment of one benchmark deployment: the caller's, without its
+    Kafka/Redis/topic/cluster settings, plus fresh topic names, group and key prefix."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_", "CLUSTER_"))
+    }
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=broker,
+        REDIS_URL=redis_url,
+        REDIS_KEY_PREFIX=tag,
+        APP_ID=tag,
+        TOPIC_EVENTS=f"events-{tag}",
+        TOPIC_DLQ=f"dlq-{tag}",
+        TOPIC_TRIGGERS=f"triggers-{tag}",
+        TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
+        TOPIC_SEGMENTS=f"segments-{tag}",
+        **extra,
+    )
+    return env
