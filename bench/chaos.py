@@ -55,7 +55,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import isolated_env, machine, write_section
+from common import isolated_env, machine, redis_memory_by_kind, write_section
 
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
@@ -147,7 +147,7 @@ class Cluster:
             ApacheKafka().start() if broker_kind == "kafka" else EmbeddedBroker().start()
         )
         self.redis = EmbeddedRedis().start(extra=["--appendonly", "yes", "--appendfsync", "always"])
-        tag = f"chaos{uuid.uuid4().hex[:6]}"
+        tag = self.prefix = f"chaos{uuid.uuid4().hex[:6]}"
         triggers = workdir / "triggers.toml"
         triggers.write_text(TRIGGERS)
         env = isolated_env(
@@ -404,6 +404,7 @@ class Verdict:
     checks: dict[str, int] = field(default_factory=dict)  # invariant -> items checked
     violations: list[str] = field(default_factory=list)
     resent_copies: int = 0
+    copy_notes: list[str] = field(default_factory=list)  # per re-sent id: type, seconds between copies
     dlq_copies: int = 0
     worst_trigger_lag_s: float = 0.0
 
@@ -485,10 +486,12 @@ def check(cluster: Cluster, load: Load, verdict: Verdict) -> None:
         decisions += [(orjson.loads(v), ts) for v, ts in read_topic(bootstrap, topic)]
     ids_per_occurrence: dict[tuple[str, ...], set[str]] = defaultdict(set)
     copies: Counter[str] = Counter()
+    copy_times: dict[str, list[int]] = defaultdict(list)
     cohort_stalls: dict[str, set[str]] = defaultdict(set)
     any_trigger: set[str] = set()
     for value, ts in decisions:
         copies[value["trigger_id"]] += 1
+        copy_times[value["trigger_id"]].append(ts)
         any_trigger.add(value["user_id"])
         if value["type"] != "stalled_step":
             continue
@@ -501,6 +504,12 @@ def check(cluster: Cluster, load: Load, verdict: Verdict) -> None:
             lag = ts / 1000 - parse_timestamp(value["due_at"]) / 1000
             verdict.worst_trigger_lag_s = max(verdict.worst_trigger_lag_s, lag)
     verdict.resent_copies = sum(n - 1 for n in copies.values() if n > 1)
+    types = {value["trigger_id"]: value["type"] for value, _ts in decisions}
+    verdict.copy_notes = [
+        f"{types[tid]} +{(max(copy_times[tid]) - min(copy_times[tid])) / 1000:.2f} s"
+        for tid, n in copies.items()
+        if n > 1
+    ]
     verdict.checks["stall occurrences"] = len(ids_per_occurrence)
     for occurrence, ids in ids_per_occurrence.items():
         if len(ids) > 1:
@@ -540,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True)
     kinds = FAULTS + (("restart_broker",) if args.broker == "kafka" else ())
     faults = [] if args.soak else schedule(args.seed, args.seconds, kinds)
-    soak = Soak()
+    soak = Soak(csv=workdir / "soak.csv")
     rng = random.Random(args.seed)
     load = Load()
     console.print(
@@ -576,6 +585,9 @@ def run(args: argparse.Namespace) -> int:
         producer.join()
         with console.status("draining, then checking with the oracle…"):
             check(cluster, load, verdict)
+        if args.soak:
+            soak.breakdown = redis_memory_by_kind(cluster.redis.url, cluster.prefix)
+            soak.users = len({e.get("userId") or e.get("anonymousId") for e in load.valid.values()})
     finally:
         cluster.close()
     elapsed = time.monotonic() - started
@@ -588,6 +600,10 @@ class Soak:
     """Samples over a fault-free run: what must stay flat."""
 
     rows: list[dict[str, float]] = field(default_factory=list)
+    csv: Path | None = None
+    #: at the end: key kind -> (keys, bytes), and the users and events behind them
+    breakdown: dict[str, tuple[int, int]] = field(default_factory=dict)
+    users: int = 0
 
     def sample(self, cluster: Cluster, load: Load, t: float) -> None:
         rss = 0.0
@@ -607,25 +623,33 @@ class Soak:
                 "t": t,
                 "rss_mb": rss,
                 "redis_bytes_per_user": info["used_memory"] / max(1, users),
+                "redis_bytes_per_event": info["used_memory"] / max(1, len(load.valid)),
                 "lag": cluster.lag() or 0.0,
                 "series": series,
             }
         )
+        if self.csv is not None:
+            row = self.rows[-1]
+            with self.csv.open("a") as out:
+                if len(self.rows) == 1:
+                    out.write(",".join(row) + "\n")
+                out.write(",".join(f"{v:.1f}" for v in row.values()) + "\n")
 
-    def slopes(self) -> dict[str, tuple[float, float]]:
-        """Per quantity: (value at the end, least-squares slope per hour over the second half)."""
+    def slopes(self) -> dict[str, tuple[float, float, float, float]]:
+        """Per quantity: value at the end, least-squares slope per hour over the second half,
+        and the least and greatest value of the second half."""
         half = self.rows[len(self.rows) // 2 :]
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[str, tuple[float, float, float, float]] = {}
         if len(half) < 3:
             return out
         ts = [r["t"] / 3600 for r in half]
         mean_t = sum(ts) / len(ts)
-        for key in ("rss_mb", "redis_bytes_per_user", "lag", "series"):
+        for key in ("rss_mb", "redis_bytes_per_user", "redis_bytes_per_event", "lag", "series"):
             ys = [r[key] for r in half]
             mean_y = sum(ys) / len(ys)
             num = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True))
             den = sum((t - mean_t) ** 2 for t in ts) or 1.0
-            out[key] = (ys[-1], num / den)
+            out[key] = (ys[-1], num / den, min(ys), max(ys))
         return out
 
 
@@ -653,7 +677,9 @@ def report(
     checks = ", ".join(f"{name}: {n}" for name, n in verdict.checks.items())
     summary = (
         f"{len(load.valid)} valid events ({load.http_retries} HTTP retries), {len(load.bad)} malformed; "
-        f"checked {checks}; re-sent trigger copies (same id): {verdict.resent_copies}; dead-letter "
+        f"checked {checks}; re-sent trigger copies (same id): {verdict.resent_copies}"
+        + (f" ({', '.join(verdict.copy_notes[:10])} after the first)" if verdict.copy_notes else "")
+        + "; dead-letter "
         f"copies: {verdict.dlq_copies}; worst stalled-step lag after its deadline: "
         f"{verdict.worst_trigger_lag_s:.1f} s; **violations: {len(verdict.violations)}**"
     )
@@ -665,13 +691,32 @@ def report(
         names = {
             "rss_mb": "worker RSS (MB, largest worker)",
             "redis_bytes_per_user": "Redis used memory per user (bytes)",
+            "redis_bytes_per_event": "Redis used memory per valid event produced (bytes)",
             "lag": "uncommitted backlog (records)",
             "series": "metric samples on /metrics",
         }
-        soak_lines = ["| quantity | at the end | slope per hour (second half) |", "|---|---|---|"]
-        for key, (end, slope) in soak.slopes().items():
-            soak_lines.append(f"| {names[key]} | {end:,.1f} | {slope:+,.1f} |")
+        soak_lines = [
+            "| quantity | at the end | slope per hour (second half) | second half: least to greatest |",
+            "|---|---|---|---|",
+        ]
+        for key, (end, slope, least, most) in soak.slopes().items():
+            soak_lines.append(f"| {names[key]} | {end:,.1f} | {slope:+,.1f} | {least:,.1f} to {most:,.1f} |")
             console.print(f"{names[key]}: {end:,.1f} at the end, {slope:+,.1f} per hour")
+        if soak.breakdown:
+            soak_lines += [
+                "",
+                f"Redis keys at the end by kind (`MEMORY USAGE`; {soak.users:,} users and anonymous "
+                f"ids, {len(load.valid):,} valid events):",
+                "",
+                "| kind | keys | bytes | bytes per user |",
+                "|---|---|---|---|",
+                *(
+                    f"| {kind} | {keys:,} | {size:,} | {size / max(1, soak.users):,.0f} |"
+                    for kind, (keys, size) in soak.breakdown.items()
+                ),
+            ]
+            for kind, (keys, size) in soak.breakdown.items():
+                console.print(f"redis {kind}: {keys:,} keys, {size / max(1, soak.users):,.0f} bytes per user")
     if args.no_results:
         return
     text = "\n".join(

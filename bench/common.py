@@ -69,3 +69,32 @@ def isolated_env(broker: str, redis_url: str, tag: str, **extra: str) -> dict[st
         **extra,
     )
     return env
+
+
+def redis_memory_by_kind(url: str, prefix: str) -> dict[str, tuple[int, int]]:
+    """Keys and bytes (``MEMORY USAGE``) of each key kind under ``prefix`` (``<prefix>:<kind>:...``)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    out: dict[str, list[int]] = {}
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.memory_usage(key, samples=0)
+        for key, size in zip(batch, pipe.execute(), strict=True):
+            kind = key.decode(errors="replace").split(":")[1]
+            entry = out.setdefault(kind, [0, 0])
+            entry[0] += 1
+            entry[1] += int(size or 0)
+        batch.clear()
+
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            flush()
+    if batch:
+        flush()
+    client.close()
+    return {kind: (keys, size) for kind, (keys, size) in sorted(out.items())}

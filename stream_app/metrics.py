@@ -155,6 +155,11 @@ class Metrics:
         self.last_batch_unixtime = Gauge(
             "onboarding_last_batch_timestamp_seconds", "Unix time the last batch finished.", registry=r
         )
+        self.profile_cache_bytes = Gauge(
+            "onboarding_profile_cache_bytes",
+            "Serialized profile documents held in this worker's cache (bounded by PROFILE_CACHE_MB).",
+            registry=r,
+        )
         # --- lag and health --------------------------------------------------------------------
         self.consumer_lag_records = Gauge(
             "onboarding_consumer_lag_records",

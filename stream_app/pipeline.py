@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from stream_app.cache import DocumentCache
 from stream_app.clock import note_offset, to_trusted, to_user
 from stream_app.contract import ContractRules, Event, Invalid, parse_event
 from stream_app.errors import ContentionError
@@ -164,6 +164,7 @@ class EventProcessor:
         on_erase: EraseHook | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 0,
+        cache_bytes: int = 64 * 1024 * 1024,
         reactions: Callable[[], ReactionContext] | None = None,
         identity: IdentityRules | None = None,
     ) -> None:
@@ -176,8 +177,7 @@ class EventProcessor:
         self.clock = clock
         # Documents this worker wrote last, by id: a batch skips reading them. Never trusted
         # blindly: the write is a CAS on the version that also refuses already-applied ids.
-        self.cache: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache = DocumentCache(cache_size, cache_bytes)
         self.reactions = reactions
         self.outbox = Outbox(PUBLISHED_MEMORY)
         self.linker = IdentityLinker(store, metrics, identity or IdentityRules(), self.outbox, self._forget)
@@ -191,7 +191,7 @@ class EventProcessor:
         self.linker.rules = rules
 
     def _forget(self, pid: str) -> None:
-        self.cache.pop(pid, None)
+        self.cache.pop(pid)
 
     def mark_published(self, keys: Sequence[tuple[str, str]]) -> None:
         """Note (profile id, outbox key) pairs as published in this process (the Publisher
@@ -299,7 +299,7 @@ class EventProcessor:
         written = {w.profile_id: w for w in writes}
         for user, reaction in reactions.items():
             if user in conflicts:
-                self.cache.pop(user, None)
+                self.cache.pop(user)
                 continue
             doc = outcome.profiles[user]
             if user in written:
@@ -328,7 +328,7 @@ class EventProcessor:
                         # first, or these events would be applied to the user and merged again.
                         for message in await self.linker.link(pid, target):
                             outcome.count_change(message.value)
-                        self.cache.pop(target, None)
+                        self.cache.pop(target)
                     redirects[pid] = target
                     if pid in partitions:
                         partitions.setdefault(target, partitions[pid])
@@ -343,7 +343,7 @@ class EventProcessor:
             if conflicts:
                 self.metrics.write_conflicts.inc(len(conflicts))
                 for pid in conflicts:
-                    self.cache.pop(pid, None)
+                    self.cache.pop(pid)
             for w in writes:
                 if w.profile_id not in conflicts:
                     self._remember(w.profile_id, w.expected_version + 1, w.doc)
@@ -360,11 +360,18 @@ class EventProcessor:
 
     async def _load(self, pending: dict[str, list[Event]]) -> dict[str, Loaded]:
         t0 = time.perf_counter()
-        loaded = {
-            pid: Loaded(orjson.loads(self.cache[pid][1]), self.cache[pid][0])
-            for pid in pending
-            if pid in self.cache
-        }
+        loaded: dict[str, Loaded] = {}
+        for pid in pending:
+            hit = self.cache.get(pid)
+            if hit is None:
+                continue
+            doc = orjson.loads(hit[1])
+            key = outbox_key(doc)
+            if key is not None and not self.outbox.published(key):
+                # Not known here as published (never, or forgotten by the bounded memory while
+                # the document stayed cached): only the store's mark can tell. Read it there.
+                continue
+            loaded[pid] = Loaded(doc, hit[0])
         to_read = {pid: [e.message_id for e in evs] for pid, evs in pending.items() if pid not in loaded}
         if to_read:
             loaded.update(self.outbox.learn(await self.store.load(to_read)))
@@ -433,12 +440,8 @@ class EventProcessor:
                 self.metrics.event_latency.observe(max(0.0, now - ts_ms / 1000))
 
     def _remember(self, pid: str, version: int, doc: Profile) -> None:
-        if self.cache_size <= 0:
-            return
-        self.cache[pid] = (version, orjson.dumps(doc))
-        self.cache.move_to_end(pid)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        if self.cache.enabled:
+            self.cache.put(pid, version, orjson.dumps(doc))
 
     async def _erase(self, profile_ids: list[str], outcome: BatchOutcome) -> None:
         all_ids: list[str] = []
@@ -454,7 +457,7 @@ class EventProcessor:
                 for key in left:  # memberships end with the user
                     outcome.size_deltas[key] = outcome.size_deltas.get(key, 0) - 1
         for pid in all_ids:
-            self.cache.pop(pid, None)
+            self.cache.pop(pid)
         gone = set(all_ids)
         outcome.outbox = [m for m in outcome.outbox if m.key not in gone]
         for entries in outcome.deadlines.values():

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     profile_cache_size: int = Field(
         20_000, ge=0, description="Profiles a worker keeps in memory to skip re-reading them (0: off)."
     )
+    profile_cache_mb: float = Field(
+        32, ge=0, description="Cap of the serialized documents in that cache, in MiB (0: off)."
+    )
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 

@@ -247,6 +247,7 @@ class BatchRunner:
         m.traits_dropped.inc(sum(ev.dropped_traits for _rec, ev in outcome.events))
         m.events_applied.inc(outcome.applied)
         m.last_batch_unixtime.set(time.time())
+        m.profile_cache_bytes.set(self.processor.cache.bytes)
 
 
 def _merge(first: BatchOutcome, second: BatchOutcome) -> BatchOutcome:

@@ -141,6 +141,7 @@ class Runtime:
             self.profile_rules,
             self.metrics,
             cache_size=settings.profile_cache_size,
+            cache_bytes=int(settings.profile_cache_mb * 1024 * 1024),
             step_stats=self._add_step_stats,
             on_erase=self._forget,
             reactions=self.reaction_context,

@@ -172,6 +172,24 @@ async def test_an_outbox_recorded_as_published_is_not_sent_again_by_another_proc
     assert later.outbox and not {m.id for m in later.outbox} & old_ids
 
 
+async def test_a_cached_profile_whose_publication_this_process_forgot_is_not_sent_again() -> None:
+    """The profile cache outlives the bounded memory of published outboxes: a user idle
+    while many others' outboxes went out is read from the cache, and the store (not the
+    forgotten memory) says that their outbox was published (the soak's same-id copies)."""
+    store = InMemoryProfileStore()
+    p = processor(store)
+    p.cache.max_entries = 100
+    p.outbox.memory = 2
+    first = await process(p, records(start()))
+    assert first.outbox
+    for n in range(3):  # three other users' outboxes go out: u1's is forgotten
+        await process(p, records(start(uid=f"other{n}", mid=f"o{n}")))
+    assert not p.outbox.published(first.outbox_keys[0][1])
+    assert "u1" in p.cache
+    later = await process(p, records(track("Page Viewed", "pv", uid="u1", at=5)))
+    assert not {m.id for m in later.outbox} & {m.id for m in first.outbox}
+
+
 async def test_a_published_mark_never_recreates_an_erased_profile() -> None:
     store = InMemoryProfileStore()
     await store.mark_published({"ghost": "t-1"})
