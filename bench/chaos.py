@@ -608,6 +608,7 @@ class Soak:
     def sample(self, cluster: Cluster, load: Load, t: float) -> None:
         rss = 0.0
         series = 0.0
+        cache = 0.0
         for w in cluster.live():
             with contextlib.suppress(OSError, ValueError):
                 status = Path(f"/proc/{w.pid}/status").read_text()
@@ -616,6 +617,16 @@ class Soak:
                 with urllib.request.urlopen(w.url + "/metrics", timeout=2) as resp:
                     lines = resp.read().decode().splitlines()
                 series = max(series, float(sum(1 for ln in lines if ln and not ln.startswith("#"))))
+                cache = max(
+                    [
+                        cache,
+                        *(
+                            float(ln.split()[-1]) / 2**20
+                            for ln in lines
+                            if ln.startswith("onboarding_profile_cache_bytes ")
+                        ),
+                    ]
+                )
         info = redis.Redis.from_url(cluster.redis.url).info("memory")
         users = len({e.get("userId") for e in list(load.valid.values()) if e.get("userId")})
         self.rows.append(
@@ -626,6 +637,7 @@ class Soak:
                 "redis_bytes_per_event": info["used_memory"] / max(1, len(load.valid)),
                 "lag": cluster.lag() or 0.0,
                 "series": series,
+                "cache_mb": cache,
             }
         )
         if self.csv is not None:
@@ -644,7 +656,7 @@ class Soak:
             return out
         ts = [r["t"] / 3600 for r in half]
         mean_t = sum(ts) / len(ts)
-        for key in ("rss_mb", "redis_bytes_per_user", "redis_bytes_per_event", "lag", "series"):
+        for key in ("rss_mb", "cache_mb", "redis_bytes_per_user", "redis_bytes_per_event", "lag", "series"):
             ys = [r[key] for r in half]
             mean_y = sum(ys) / len(ys)
             num = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True))
@@ -690,6 +702,7 @@ def report(
     if soak is not None and soak.rows:
         names = {
             "rss_mb": "worker RSS (MB, largest worker)",
+            "cache_mb": "of which the profile cache (MiB of documents, largest worker)",
             "redis_bytes_per_user": "Redis used memory per user (bytes)",
             "redis_bytes_per_event": "Redis used memory per valid event produced (bytes)",
             "lag": "uncommitted backlog (records)",

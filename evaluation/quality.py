@@ -29,7 +29,7 @@ from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import Profile, ProfileRules, StepDuration, is_tombstone
 from stream_app.segments.assign import Snapshot, features
 from stream_app.settings import Settings
-from stream_app.store.models import InMemoryClusterModelStore
+from stream_app.store.models import InMemoryModelStore
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.synthetic import SimUser, generate_users, interleaved_stream, record_key
 from stream_app.worker.publisher import Sinks
@@ -235,9 +235,9 @@ async def build_delivered(
     async def recording_sample(
         docs: Mapping[str, Profile], linked: Any = (), limit: int | None = None
     ) -> None:
-        before = dict(stores.models.samples) if isinstance(stores.models, InMemoryClusterModelStore) else {}
+        before = dict(stores.models.samples) if isinstance(stores.models, InMemoryModelStore) else {}
         await sample(docs, linked, limit)
-        if limit is not None and isinstance(stores.models, InMemoryClusterModelStore):
+        if limit is not None and isinstance(stores.models, InMemoryModelStore):
             for pid, x in stores.models.samples.items():
                 if pid in docs and before.get(pid) != x:
                     samples.append((archetype_of.get(pid, "?"), batches, x))

@@ -10,6 +10,11 @@ from stream_app.contract import ContractRules, blocked_id_set
 from stream_app.errors import ConfigError
 from stream_app.identity import IdentityRules
 from stream_app.paths import CONFIG_DIR
+from stream_app.personalization.config import (
+    PersonalizationConfig,
+    PersonalizationConfigError,
+    load_config,
+)
 from stream_app.privacy import PolicyError, TraitsPolicy, load_policy, shipped_policy
 from stream_app.profile import ProfileRules
 from stream_app.segments.rules import RuleError, SegmentSet, load_segments
@@ -72,3 +77,12 @@ def segment_set(settings: Settings) -> SegmentSet:
         return load_segments(settings.segments_file or CONFIG_DIR / "segments.toml", settings.segments_max)
     except RuleError as exc:
         raise ConfigError("SEGMENTS_FILE", str(exc)) from exc
+
+
+def personalization_config(settings: Settings) -> PersonalizationConfig:
+    """Checklists and flags, their segment names checked against the rule segments."""
+    names = frozenset(segment_set(settings).definitions)
+    try:
+        return load_config(settings.personalization_file or CONFIG_DIR / "personalization.toml", names)
+    except PersonalizationConfigError as exc:
+        raise ConfigError("PERSONALIZATION_FILE", str(exc)) from exc

@@ -319,3 +319,16 @@ class CollectorMetrics:
             "Event requests being handled now.",
             registry=r,
         )
+        self.decisions = Counter(
+            "onboarding_collector_decisions_total",
+            "Answers of GET /v1/personalization: outcome=computed, cached (profile unchanged), "
+            "default (unknown id, no profile, or refused personalization) or fallback (Redis did "
+            "not answer in time: the default answer was served).",
+            ["outcome"],
+            registry=r,
+        )
+        self.recommender_version = Gauge(
+            "onboarding_collector_recommender_model_version",
+            "Version of the recommender model the collector answers with (0: none yet).",
+            registry=r,
+        )

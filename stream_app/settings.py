@@ -242,6 +242,38 @@ class Settings(BaseSettings):
         10.0, gt=0, le=120, description="On SIGTERM: time for in-flight requests and the producer flush."
     )
 
+    # --- Personalization (GET /v1/personalization, the recommender) ------------------------------
+    personalization_file: Path | None = Field(
+        None,
+        description="Checklists, flags and recommendation settings (default: config/personalization.toml).",
+    )
+    personalization_user_hash_secret: SecretStr | None = Field(
+        None,
+        description="When set, a decision request must carry userHash = hex HMAC-SHA256(secret, userId "
+        "or anonymousId), computed by your backend: the write key alone then reads nobody's decision.",
+    )
+    personalization_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Decisions the collector keeps per user, reused while the profile is unchanged.",
+    )
+    personalization_refresh_seconds: float = Field(
+        2.0, gt=0, le=300, description="How often the collector checks for a newer recommender model."
+    )
+    reco_enabled: bool = Field(True, description="Learn next-feature recommendations (the workers).")
+    reco_train_interval_seconds: float = Field(
+        30.0, gt=0, description="How often the worker holding the recommender's lease retrains it."
+    )
+    reco_samples_per_batch: int = Field(
+        200, ge=0, description="Profiles per batch whose adoption order goes to the recommender's sample set."
+    )
+    reco_sample_cap: int = Field(
+        50_000, ge=100, description="Users in the recommender's sample set (random eviction beyond)."
+    )
+    reco_train_samples: int = Field(
+        20_000, ge=10, description="Adoption orders drawn from the sample set for each training pass."
+    )
+
     # --- Logging ------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -92,6 +92,131 @@ ARCHETYPES: dict[str, Archetype] = {
 DEFAULT_MIX: dict[str, float] = {"quick_adopter": 0.2, "steady": 0.35, "passive": 0.25, "struggling": 0.2}
 
 
+#: Per archetype, two typical orders in which users adopt features (two jobs to be done);
+#: each user follows one, with a few neighbours swapped (:func:`adoption_path`).
+FEATURE_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "quick_adopter": (
+        (
+            "api",
+            "automation",
+            "integrations",
+            "alerts",
+            "dashboards",
+            "sharing",
+            "export",
+            "search",
+            "templates",
+            "comments",
+        ),
+        (
+            "dashboards",
+            "sharing",
+            "comments",
+            "templates",
+            "export",
+            "search",
+            "alerts",
+            "integrations",
+            "api",
+            "automation",
+        ),
+    ),
+    "steady": (
+        (
+            "dashboards",
+            "export",
+            "alerts",
+            "sharing",
+            "search",
+            "templates",
+            "comments",
+            "integrations",
+            "api",
+            "automation",
+        ),
+        (
+            "search",
+            "templates",
+            "comments",
+            "sharing",
+            "integrations",
+            "api",
+            "dashboards",
+            "automation",
+            "export",
+            "alerts",
+        ),
+    ),
+    "passive": (
+        (
+            "search",
+            "export",
+            "dashboards",
+            "templates",
+            "sharing",
+            "comments",
+            "alerts",
+            "api",
+            "integrations",
+            "automation",
+        ),
+        (
+            "templates",
+            "comments",
+            "sharing",
+            "alerts",
+            "search",
+            "api",
+            "dashboards",
+            "export",
+            "automation",
+            "integrations",
+        ),
+    ),
+    "struggling": (
+        (
+            "templates",
+            "comments",
+            "search",
+            "sharing",
+            "dashboards",
+            "export",
+            "alerts",
+            "integrations",
+            "automation",
+            "api",
+        ),
+        (
+            "search",
+            "dashboards",
+            "export",
+            "alerts",
+            "templates",
+            "api",
+            "comments",
+            "sharing",
+            "integrations",
+            "automation",
+        ),
+    ),
+}
+
+
+def adoption_path(archetype: str, rng: random.Random, swap_chance: float = 0.15) -> list[str]:
+    """The order in which one user of ``archetype`` would adopt every feature."""
+    path = list(FEATURE_PATHS[archetype][rng.randrange(2)])
+    for i in range(len(path) - 1):
+        if rng.random() < swap_chance:
+            path[i], path[i + 1] = path[i + 1], path[i]
+    return path
+
+
+def adopted_features(events: list[dict[str, Any]]) -> list[str]:
+    """The features of a user's events in the order of their first use."""
+    names = [e["properties"]["feature"] for e in events if e.get("event") == "Feature Used"]
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class SimUser:
     user_id: str
@@ -190,14 +315,23 @@ def user_events(user: SimUser, start_ms: int, time_scale: float = 1.0) -> list[d
         )
     if completed_all:
         emit("track", 1, event="Onboarding Completed", properties={"flow": FLOW})
-    features = rng.sample(FEATURES, rng.randint(*arch.features))
+    features = adoption_path(user.archetype, rng)[: rng.randint(*arch.features)]
     for feature in features[:2]:
         emit("track", rng.uniform(5, 60), event="Feature Used", properties={"feature": feature})
-    for _session in range(rng.randint(*arch.later_sessions)):
+    adopted = min(2, len(features))
+    sessions = rng.randint(*arch.later_sessions)
+    for session in range(sessions):
         emit("track", _between(rng, arch.session_gap_hours) * 3600, event="Session Started", properties={})
-        for feature in rng.sample(features, min(len(features), rng.randint(0, len(features)))):
+        known = features[:adopted]
+        for feature in rng.sample(known, min(len(known), rng.randint(0, len(known)))):
             for _use in range(rng.randint(*arch.uses_per_feature)):
                 emit("track", rng.uniform(10, 120), event="Feature Used", properties={"feature": feature})
+        # one new feature a session, in the user's own order (the rest in the last session)
+        new = features[adopted:] if session == sessions - 1 else features[adopted : adopted + 1]
+        for feature in new:
+            for _use in range(rng.randint(*arch.uses_per_feature)):
+                emit("track", rng.uniform(10, 120), event="Feature Used", properties={"feature": feature})
+        adopted += len(new)
         emit("page", rng.uniform(5, 60), name="Dashboard", properties={"path": "/app"})
     return events
 

@@ -11,6 +11,8 @@ every record of the request. The decisions about the HTTP protocol are in
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stream_app.collector.decisions import Decisions, user_hash
 from stream_app.collector.producer import AsyncProducer, Headers, ProduceRejected, ProduceUnavailable
 from stream_app.collector.protocol import (
     ROUTES,
@@ -31,10 +34,11 @@ from stream_app.collector.protocol import (
     parse_json,
     read_body,
 )
-from stream_app.configure import contract_rules
+from stream_app.configure import contract_rules, personalization_config
 from stream_app.contract import ContractRules, Invalid, parse_event
 from stream_app.errors import ConfigError
 from stream_app.metrics import CollectorMetrics
+from stream_app.paths import CONFIG_DIR
 from stream_app.settings import Settings
 from stream_app.topics import kafka_client_config, load_topics
 
@@ -55,6 +59,7 @@ class Collector:
         contract: ContractRules,
         metrics: CollectorMetrics | None = None,
         limits: Limits | None = None,
+        decisions: Decisions | None = None,
     ) -> None:
         self.keys = write_keys(settings)
         origins = [o.strip().rstrip("/") for o in settings.collector_allowed_origins.split(",") if o.strip()]
@@ -69,6 +74,9 @@ class Collector:
         self.events_topic = topics["events"].name
         self.dlq_topic = topics["dlq"].name
         self.slots = asyncio.Semaphore(settings.collector_max_in_flight)
+        self.decisions = decisions
+        secret = settings.personalization_user_hash_secret
+        self.user_hash_secret = secret.get_secret_value().encode() if secret else None
 
     # --- CORS -----------------------------------------------------------------------------------
     def origin_allowed(self, origin: str) -> bool:
@@ -177,6 +185,39 @@ class Collector:
                 self.metrics.events_rejected.labels(reason).inc()
         return web.Response(body=OK, content_type="application/json")
 
+    # --- decisions ------------------------------------------------------------------------------
+    async def personalization(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await self._personalization(request)
+        self.cors(request, response)
+        response.headers["Cache-Control"] = "private, no-store"
+        self.metrics.requests.labels("personalization", str(response.status)).inc()
+        self.metrics.request_seconds.labels("personalization").observe(time.perf_counter() - started)
+        return response
+
+    async def _personalization(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin and not self.origin_allowed(origin):
+            return _error(ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed"))
+        query = request.query
+        source = authenticate(
+            request.headers.get("Authorization"), {"writeKey": query.get("writeKey")}, self.keys
+        )
+        if isinstance(source, ApiError):
+            return _error(source)
+        if self.decisions is None:
+            return _error(ApiError(404, "not_enabled", "decisions need REDIS_URL on the collector"))
+        user, anonymous = query.get("userId"), query.get("anonymousId")
+        if not user and not anonymous:
+            return _error(ApiError(400, "missing_id", "give userId or anonymousId"))
+        pid = user or anonymous or ""
+        if self.user_hash_secret is not None:
+            given = query.get("userHash") or ""
+            if not hmac.compare_digest(given.lower(), user_hash(self.user_hash_secret, pid)):
+                return _error(ApiError(401, "invalid_user_hash", "userHash does not match the id"))
+        body = await self.decisions.decide(pid)
+        return web.Response(body=body, content_type="application/json")
+
     # --- operations -----------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -188,6 +229,7 @@ class Collector:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_request_bytes + 1)
+        app.router.add_get("/v1/personalization", self.personalization)
         app.router.add_post("/v1/{route}", self.ingest)
         app.router.add_route("OPTIONS", "/v1/{route}", self.preflight)
         app.router.add_get("/healthz", self.health)
@@ -245,10 +287,36 @@ def build(settings: Settings) -> Collector:
         {**kafka_client_config(settings, bootstrap), "delivery.timeout.ms": max(30_000, timeout_ms)}
     )
     try:
-        return Collector(settings, producer, contract_rules(settings))
+        contract = contract_rules(settings)
+        metrics = CollectorMetrics()
+        return Collector(
+            settings, producer, contract, metrics, decisions=decisions(settings, contract, metrics)
+        )
     except BaseException:
         producer.close(0)
         raise
+
+
+def decisions(settings: Settings, contract: ContractRules, metrics: CollectorMetrics) -> Decisions | None:
+    """The decision endpoint's reader (None without REDIS_URL: the endpoint answers 404)."""
+    config = personalization_config(settings)  # a bad file stops start-up, naming the setting
+    if not settings.redis_url:
+        log.info("decision endpoint off: REDIS_URL is not set")
+        return None
+    from stream_app.worker.runtime import Stores
+
+    stores = Stores(settings)
+    path = settings.personalization_file or CONFIG_DIR / "personalization.toml"
+    return Decisions(
+        stores.profiles,
+        stores.reco,
+        config,
+        hashlib.sha256(path.read_bytes()).hexdigest()[:12],
+        metrics,
+        contract.blocked_ids,
+        cache_size=settings.personalization_cache_size,
+        refresh_seconds=settings.personalization_refresh_seconds,
+    )
 
 
 def run(settings: Settings) -> None:

@@ -109,7 +109,11 @@ class Keys:
         """The shared cluster model: ``model`` (hash version/snapshot), ``history`` (list),
         ``vectors`` (hash user -> latest feature vector, the training sample set), ``lease``
         (who trains). One tag, one slot."""
-        return f"{self.prefix}:cluster-{kind}:{{cluster-model}}"
+        return self.model("cluster", kind)
+
+    def model(self, name: str, kind: str) -> str:
+        """A shared model's keys (``cluster``, ``reco``): one hash tag per model."""
+        return f"{self.prefix}:{name}-{kind}:{{{name}-model}}"
 
     def segment_sizes(self) -> str:
         """Hash ``rule:<name>`` / ``cluster:<id>`` -> members (approximate; see README)."""

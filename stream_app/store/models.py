@@ -1,4 +1,10 @@
-"""The shared cluster model in Redis: versioned snapshots, training samples, a training lease.
+"""Shared models in Redis: versioned snapshots, training samples, a training lease.
+
+Two models use it: the cluster model (``name="cluster"``, snapshots of
+:class:`~stream_app.segments.assign.Snapshot`, samples are feature vectors) and the
+recommender (``name="reco"``, :class:`~stream_app.personalization.recommend.RecoModel`,
+samples are ``[cluster name, features in adoption order]``). Each has its own keys,
+hash tag and lease. Below, the cluster model's words; the recommender's are the same.
 
 One model serves every worker: workers keep one feature vector per user (the latest
 state of a sample of the profiles each batch wrote) in a shared sample set, the worker
@@ -14,7 +20,8 @@ from __future__ import annotations
 import abc
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -25,14 +32,24 @@ from stream_app.store.scripts import AnyRedis, Scripts
 HISTORY = 10
 
 
-class ClusterModelStore(abc.ABC):
+class Versioned(Protocol):
+    @property
+    def version(self) -> int: ...
+
+    def to_json(self) -> bytes: ...
+
+
+S = TypeVar("S", bound=Versioned)
+
+
+class ModelStore(abc.ABC, Generic[S]):
     @abc.abstractmethod
-    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
+    async def put_samples(self, vectors: Mapping[str, Any], cap: int) -> None:
         """Store each user's latest feature vector (replacing an older one); beyond ``cap``
         users, random others are dropped."""
 
     @abc.abstractmethod
-    async def sample(self, limit: int) -> list[list[float]]:
+    async def sample(self, limit: int) -> list[Any]:
         """Up to ``limit`` stored vectors drawn at random (all of them when fewer), one per user."""
 
     @abc.abstractmethod
@@ -47,14 +64,14 @@ class ClusterModelStore(abc.ABC):
         """Version of the latest snapshot (0: none yet)."""
 
     @abc.abstractmethod
-    async def latest(self) -> Snapshot | None: ...
+    async def latest(self) -> S | None: ...
 
     @abc.abstractmethod
-    async def publish(self, snapshot: Snapshot) -> bool:
+    async def publish(self, snapshot: S) -> bool:
         """Store ``snapshot`` if it is exactly the next version; False if another got there first."""
 
     @abc.abstractmethod
-    async def history(self) -> list[Snapshot]:
+    async def history(self) -> list[S]:
         """The last few snapshots, newest first."""
 
     @abc.abstractmethod
@@ -62,25 +79,25 @@ class ClusterModelStore(abc.ABC):
         """Become (or stay) the trainer for ``ttl_ms``; False while another owner holds it."""
 
 
-class InMemoryClusterModelStore(ClusterModelStore):
+class InMemoryModelStore(ModelStore[S]):
     def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {}
-        self.snapshots: list[Snapshot] = []
+        self.samples: dict[str, Any] = {}
+        self.snapshots: list[S] = []
         self.lease: tuple[str, float] | None = None
         self.clock = time.monotonic
         self.rng = random.Random(0)
 
-    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
-        self.samples.update({user: list(v) for user, v in vectors.items()})
+    async def put_samples(self, vectors: Mapping[str, Any], cap: int) -> None:
+        self.samples.update({user: orjson.loads(orjson.dumps(v)) for user, v in vectors.items()})
         if len(self.samples) > cap:
             for user in self.rng.sample(sorted(self.samples), len(self.samples) - cap):
                 del self.samples[user]
 
-    async def sample(self, limit: int) -> list[list[float]]:
+    async def sample(self, limit: int) -> list[Any]:
         users = list(self.samples)
         if len(users) > limit:
             users = self.rng.sample(users, limit)
-        return [list(self.samples[u]) for u in users]
+        return [orjson.loads(orjson.dumps(self.samples[u])) for u in users]
 
     async def remove_samples(self, users: Sequence[str]) -> None:
         for user in users:
@@ -92,17 +109,17 @@ class InMemoryClusterModelStore(ClusterModelStore):
     async def version(self) -> int:
         return self.snapshots[-1].version if self.snapshots else 0
 
-    async def latest(self) -> Snapshot | None:
+    async def latest(self) -> S | None:
         return self.snapshots[-1] if self.snapshots else None
 
-    async def publish(self, snapshot: Snapshot) -> bool:
+    async def publish(self, snapshot: S) -> bool:
         if snapshot.version != await self.version() + 1:
             return False
         self.snapshots.append(snapshot)
         del self.snapshots[:-HISTORY]
         return True
 
-    async def history(self) -> list[Snapshot]:
+    async def history(self) -> list[S]:
         return list(reversed(self.snapshots))
 
     async def acquire_lease(self, owner: str, ttl_ms: int) -> bool:
@@ -135,17 +152,20 @@ return 0
 """
 
 
-class RedisClusterModelStore(ClusterModelStore):
-    def __init__(self, client: AnyRedis, keys: Keys) -> None:
-        self.client, self.keys = client, keys
+class RedisModelStore(ModelStore[S]):
+    def __init__(self, client: AnyRedis, keys: Keys, name: str, decode: Callable[[bytes | str], S]) -> None:
+        self.client, self.keys, self.name, self.decode = client, keys, name, decode
         self.scripts = Scripts(client, {"publish": _PUBLISH_LUA, "lease": _LEASE_LUA})
 
-    async def put_samples(self, vectors: Mapping[str, Sequence[float]], cap: int) -> None:
+    def _key(self, kind: str) -> str:
+        return self.keys.model(self.name, kind)
+
+    async def put_samples(self, vectors: Mapping[str, Any], cap: int) -> None:
         if not vectors:
             return
-        key = self.keys.cluster_model("vectors")
+        key = self._key("vectors")
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, mapping={user: orjson.dumps(list(v)) for user, v in vectors.items()})
+        pipe.hset(key, mapping={user: orjson.dumps(v) for user, v in vectors.items()})
         pipe.hlen(key)
         size = int((await pipe.execute())[-1])
         if size > cap:  # random eviction: a user's chance to stay does not depend on when they came
@@ -153,34 +173,43 @@ class RedisClusterModelStore(ClusterModelStore):
             if evict:
                 await self.client.hdel(key, *evict)
 
-    async def sample(self, limit: int) -> list[list[float]]:
-        key = self.keys.cluster_model("vectors")
+    async def sample(self, limit: int) -> list[Any]:
+        key = self._key("vectors")
         raw: list[bytes] = await self.client.hrandfield(key, limit, withvalues=True)  # type: ignore[assignment]
         return [orjson.loads(v) for v in (raw or [])[1::2]]  # field, value, ...; distinct fields
 
     async def remove_samples(self, users: Sequence[str]) -> None:
         if users:
-            await self.client.hdel(self.keys.cluster_model("vectors"), *users)
+            await self.client.hdel(self._key("vectors"), *users)
 
     async def sample_count(self) -> int:
-        return int(await self.client.hlen(self.keys.cluster_model("vectors")))
+        return int(await self.client.hlen(self._key("vectors")))
 
     async def version(self) -> int:
-        raw = await self.client.hget(self.keys.cluster_model("model"), "version")
+        raw = await self.client.hget(self._key("model"), "version")
         return int(raw) if raw is not None else 0
 
-    async def latest(self) -> Snapshot | None:
-        raw = await self.client.hget(self.keys.cluster_model("model"), "snapshot")
-        return Snapshot.from_json(raw) if raw is not None else None
+    async def latest(self) -> S | None:
+        raw = await self.client.hget(self._key("model"), "snapshot")
+        return self.decode(raw) if raw is not None else None
 
-    async def publish(self, snapshot: Snapshot) -> bool:
-        keys = [self.keys.cluster_model("model"), self.keys.cluster_model("history")]
+    async def publish(self, snapshot: S) -> bool:
+        keys = [self._key("model"), self._key("history")]
         done = await self.scripts.call("publish", keys, snapshot.version, snapshot.to_json(), HISTORY)
         return bool(done)
 
-    async def history(self) -> list[Snapshot]:
-        raw = await self.client.lrange(self.keys.cluster_model("history"), 0, -1)
-        return [Snapshot.from_json(r) for r in raw]
+    async def history(self) -> list[S]:
+        raw = await self.client.lrange(self._key("history"), 0, -1)
+        return [self.decode(r) for r in raw]
 
     async def acquire_lease(self, owner: str, ttl_ms: int) -> bool:
-        return bool(await self.scripts.call("lease", [self.keys.cluster_model("lease")], owner, ttl_ms))
+        return bool(await self.scripts.call("lease", [self._key("lease")], owner, ttl_ms))
+
+
+ClusterModelStore = ModelStore[Snapshot]
+InMemoryClusterModelStore = InMemoryModelStore[Snapshot]
+
+
+def RedisClusterModelStore(client: AnyRedis, keys: Keys) -> RedisModelStore[Snapshot]:
+    """The cluster model's store (its keys as they always were: ``{prefix}:cluster-*``)."""
+    return RedisModelStore(client, keys, "cluster", Snapshot.from_json)

@@ -81,6 +81,10 @@ class ProfileStore(abc.ABC):
         """The stored document, or None."""
 
     @abc.abstractmethod
+    async def version(self, profile_id: str) -> int:
+        """The stored document's version (0: none): it changes with every write."""
+
+    @abc.abstractmethod
     async def erase(self, profile_ids: Sequence[str]) -> int:
         """Delete every per-user key of these ids (all kinds in USER_KEY_KINDS); return keys removed."""
 
@@ -210,6 +214,10 @@ class RedisProfileStore(ProfileStore):
         raw = await self.client.hget(self.keys.profile(profile_id), "d")
         return orjson.loads(raw) if raw is not None else None
 
+    async def version(self, profile_id: str) -> int:
+        raw = await self.client.hget(self.keys.profile(profile_id), "v")
+        return int(raw) if raw is not None else 0
+
     async def erase(self, profile_ids: Sequence[str]) -> int:
         pipe = self.client.pipeline(transaction=False)
         for pid in profile_ids:
@@ -291,6 +299,10 @@ class InMemoryProfileStore(ProfileStore):
     async def get(self, profile_id: str) -> Profile | None:
         entry = self.profiles.get(profile_id)
         return orjson.loads(entry[1]) if entry else None
+
+    async def version(self, profile_id: str) -> int:
+        entry = self.profiles.get(profile_id)
+        return entry[0] if entry else 0
 
     async def erase(self, profile_ids: Sequence[str]) -> int:
         removed = 0

@@ -234,6 +234,18 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
                 "cluster training pass failed; retried next interval", extra={"error": repr(exc)[:300]}
             )
 
+    @app.timer(interval=settings.reco_train_interval_seconds)
+    async def _train_recommender() -> None:
+        if not runtime.ready or not settings.reco_enabled:
+            return
+        try:
+            await runtime.recommender.train_once()
+        except (RedisError, OSError) as exc:
+            runtime.metrics.store_error(exc)
+            log.warning(
+                "recommender training pass failed; retried next interval", extra={"error": repr(exc)[:300]}
+            )
+
     @app.timer(interval=settings.timer_interval_seconds)
     async def _fire_deadlines() -> None:
         if not runtime.ready or app.rebalancing:

@@ -36,6 +36,7 @@ from stream_app.store.sizes import SegmentSizeStore
 from stream_app.worker.clusters import Baselines, ClusterService
 from stream_app.worker.epochs import EpochGuard
 from stream_app.worker.publisher import Publisher
+from stream_app.worker.recommender import RecommenderService
 from stream_app.worker.timer import Watermarks
 
 log = logging.getLogger("stream_app")
@@ -103,11 +104,12 @@ class BatchRunner:
         metrics: Metrics,
         lock: asyncio.Lock,
         guard: EpochGuard | None = None,
+        recommender: RecommenderService | None = None,
     ) -> None:
         self.settings, self.processor, self.publisher = settings, processor, publisher
         self.deadlines, self.watermarks, self.baselines = deadlines, watermarks, baselines
         self.clusters, self.sizes, self.metrics, self.lock = clusters, sizes, metrics, lock
-        self.guard = guard
+        self.guard, self.recommender = guard, recommender
         self.next_offsets: dict[int, int] = {}  # events partition -> next offset to process
         self.busy_since: float | None = None  # monotonic start of the batch being handled
         self.retrying_since: float | None = None  # monotonic time its first attempt failed
@@ -221,6 +223,8 @@ class BatchRunner:
         phase.labels("publish").observe(t2 - t1)
         await self.sizes.add(outcome.size_deltas)
         await self.clusters.sample(outcome.profiles, outcome.linked, self.settings.cluster_samples_per_batch)
+        if self.recommender is not None:
+            await self.recommender.sample(outcome.profiles, outcome.linked)
         t3 = time.perf_counter()
         phase.labels("segments_and_samples").observe(t3 - t2)
         wall_ms = int(time.time() * 1000)

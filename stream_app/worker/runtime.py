@@ -18,11 +18,13 @@ from redis.exceptions import RedisError
 from stream_app.configure import (
     contract_rules,
     identity_rules,
+    personalization_config,
     profile_rules,
     segment_set,
     trigger_config,
 )
 from stream_app.metrics import Metrics
+from stream_app.personalization.recommend import RecoModel
 from stream_app.pipeline import EventProcessor
 from stream_app.profile import StepDuration
 from stream_app.reactions import ReactionContext
@@ -30,7 +32,14 @@ from stream_app.settings import Settings
 from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
 from stream_app.store.epochs import EpochStore, InMemoryEpochStore, RedisEpochStore
 from stream_app.store.keys import Keys
-from stream_app.store.models import ClusterModelStore, InMemoryClusterModelStore, RedisClusterModelStore
+from stream_app.store.models import (
+    ClusterModelStore,
+    InMemoryClusterModelStore,
+    InMemoryModelStore,
+    ModelStore,
+    RedisClusterModelStore,
+    RedisModelStore,
+)
 from stream_app.store.profiles import AnyRedis, InMemoryProfileStore, ProfileStore, RedisProfileStore
 from stream_app.store.sizes import InMemorySegmentSizeStore, RedisSegmentSizeStore, SegmentSizeStore
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
@@ -40,6 +49,7 @@ from stream_app.worker.clusters import Baselines, ClusterService
 from stream_app.worker.epochs import Committed, EpochGuard, _never_committed
 from stream_app.worker.publisher import Publisher, Sinks
 from stream_app.worker.reader import ProfileReader
+from stream_app.worker.recommender import RecommenderService
 from stream_app.worker.timer import CaughtUp, DeadlineTimer, Watermarks, _never
 
 log = logging.getLogger("stream_app")
@@ -67,11 +77,13 @@ class Stores:
         self.step_stats: StepStatsStore
         self.deadlines: DeadlineStore
         self.models: ClusterModelStore
+        self.reco: ModelStore[RecoModel]
         self.sizes: SegmentSizeStore
         self.epochs: EpochStore
         if in_memory:
             self.profiles, self.step_stats = InMemoryProfileStore(), InMemoryStepStatsStore()
             self.deadlines, self.models = InMemoryDeadlineStore(), InMemoryClusterModelStore()
+            self.reco = InMemoryModelStore()
             self.sizes, self.epochs = InMemorySegmentSizeStore(), InMemoryEpochStore()
             return
         if not settings.redis_url:
@@ -85,6 +97,7 @@ class Stores:
         self.step_stats = RedisStepStatsStore(client, self.keys, settings.dedup_window_seconds)
         self.deadlines = RedisDeadlineStore(client, self.keys, events_topic)
         self.models = RedisClusterModelStore(client, self.keys)
+        self.reco = RedisModelStore(client, self.keys, "reco", RecoModel.from_json)
         self.sizes = RedisSegmentSizeStore(client, self.keys)
         self.epochs = RedisEpochStore(client, self.keys, events_topic)
 
@@ -135,6 +148,13 @@ class Runtime:
             rng=rng,
             wall_ms=wall_ms,
         )
+        self.recommender = RecommenderService(
+            settings,
+            s.reco,
+            personalization_config(settings).recommendations.min_support,
+            rng=rng,
+            wall_ms=wall_ms,
+        )
         self.processor = EventProcessor(
             s.profiles,
             contract_rules(settings),
@@ -156,7 +176,7 @@ class Runtime:
         )
         self.batches = BatchRunner(
             settings, self.processor, self.publisher, s.deadlines, self.watermarks, self.baselines,
-            self.clusters, s.sizes, self.metrics, self.lock, self.guard,
+            self.clusters, s.sizes, self.metrics, self.lock, self.guard, self.recommender,
         )  # fmt: skip
         self.timer = DeadlineTimer(
             settings, self.processor, self.publisher, s.deadlines, self.watermarks, self.baselines,
@@ -181,9 +201,11 @@ class Runtime:
         )
 
     async def _forget(self, profile_ids: list[str]) -> None:
-        """Erasure: the users' deadlines, members and training vectors go with their profiles."""
+        """Erasure: the users' deadlines, members, training vectors and adoption orders go with
+        their profiles."""
         await self.stores.deadlines.remove_users(profile_ids, range(self.timer.partitions))
         await self.clusters.forget(profile_ids)
+        await self.recommender.forget(profile_ids)
 
     async def wait_for_store(self) -> None:
         """Block start-up until Redis answers, retrying with back-off (an outage pauses, never drops)."""

@@ -22,6 +22,7 @@ async def test_unknown_profile_loads_as_version_zero(store: ProfileStore) -> Non
     assert loaded["nobody"].version == 0
     assert loaded["nobody"].seen == set()
     assert await store.get("nobody") is None
+    assert await store.version("nobody") == 0
 
 
 async def test_write_then_read_back_with_seen_ids(store: ProfileStore) -> None:
@@ -33,6 +34,9 @@ async def test_write_then_read_back_with_seen_ids(store: ProfileStore) -> None:
     assert loaded["u1"].doc == doc
     assert loaded["u1"].seen == {"m1"}
     assert sorted(await store.seen_ids("u1")) == ["m1", "m2"]
+    assert await store.version("u1") == 1
+    assert await store.save([Write("u1", 1, doc, ["m3"])]) == set()
+    assert await store.version("u1") == 2
 
 
 async def test_stale_write_is_refused_and_changes_nothing(store: ProfileStore) -> None:
