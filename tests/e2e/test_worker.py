@@ -327,6 +327,12 @@ def test_erased_user_is_gone_everywhere(deployment: Deployment, worker_factory: 
     deployment.send(events)
     wait_until(lambda: applied_total(worker) >= len(events), 60, "events applied", worker.tail)
     assert worker.get("/profiles/user-5-1")[0] == 200
+    client = redis.Redis.from_url(deployment.settings.redis_url or "")
+    samples = {
+        name: Keys(deployment.settings.redis_key_prefix).model(name, "vectors")
+        for name in ("cluster", "reco")
+    }
+    assert b"user-5-1" in client.hkeys(samples["reco"])  # its adoption order is in the recommender's sample
     deployment.send(
         [
             {
@@ -340,9 +346,10 @@ def test_erased_user_is_gone_everywhere(deployment: Deployment, worker_factory: 
     )
     wait_until(lambda: worker.get("/profiles/user-5-1")[0] == 404, 60, "profile erased", worker.tail)
     assert worker.get("/profiles/anon-5-1")[0] == 404
-    client = redis.Redis.from_url(deployment.settings.redis_url or "")
     leftovers = [k for k in client.scan_iter(f"{deployment.settings.redis_key_prefix}:*") if b"5-1}" in k]
     assert leftovers == []
+    for key in samples.values():  # nor in the models' training samples
+        assert not [f for f in client.hkeys(key) if b"5-1" in f]
     assert worker.get("/profiles/user-5-0")[0] == 200  # others untouched
 
 
