@@ -66,6 +66,7 @@ def isolated_env(broker: str, redis_url: str, tag: str, **extra: str) -> dict[st
         TOPIC_TRIGGERS=f"triggers-{tag}",
         TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
         TOPIC_SEGMENTS=f"segments-{tag}",
+        TOPIC_WEBHOOK_DLQ=f"webhook-dlq-{tag}",
         **extra,
     )
     return env

@@ -3,6 +3,7 @@
 stream-app demo              embedded broker + Redis + worker + synthetic stream + live view
 stream-app worker            run the worker against KAFKA_BOOTSTRAP_SERVERS and REDIS_URL
 stream-app collector         the HTTP front door: Segment's tracking API -> onboarding.events
+stream-app deliver          relay onboarding.triggers to HTTPS webhooks (signed, retried, at least once)
 stream-app topics apply      create/update the topics declared in topics/topics.toml
 stream-app profile USER_ID   print a user's profile as JSON
 stream-app report            trigger lift: treated vs holdout completion with 95% intervals
@@ -84,6 +85,25 @@ COLLECTOR_HELP = """configuration (environment variables; see README "Front door
 
 Point an SDK at it: analytics-node {host: 'http://HOST:PORT'}, segment-analytics-python
 host='http://HOST:PORT', analytics.js apiHost 'HOST:PORT/v1' (protocol http or https).
+"""
+
+
+def _cmd_deliver(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    from stream_app.delivery.relay import run
+    from stream_app.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    run(settings)
+    return 0
+
+
+DELIVER_HELP = """configuration (environment variables; see README "Webhook delivery"):
+  KAFKA_BOOTSTRAP_SERVERS  the Kafka cluster (and KAFKA_SECURITY_PROTOCOL ...)
+  WEBHOOKS_FILE            the endpoints (config/webhooks.example.toml shows the format)
+  WEBHOOK_SECRET_...       each endpoint's signing secret, in the variable its secret_env names
+  DELIVER_HOST, _PORT      where /metrics and /healthz are served (default 127.0.0.1:8090)
+  TOPIC_WEBHOOK_DLQ        where undeliverable triggers go (onboarding.triggers.webhooks.dlq)
 """
 
 
@@ -253,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     collector.set_defaults(func=_cmd_collector)
+
+    deliver = sub.add_parser(
+        "deliver",
+        help="relay onboarding.triggers to HTTPS webhooks (signed, retried, dead-lettered, at least once)",
+        description="Consumes onboarding.triggers in a consumer group of its own and POSTs each trigger "
+        "to every configured endpoint that wants its type, signed with HMAC-SHA256 and with the "
+        "trigger_id as Idempotency-Key; retries with back-off while an endpoint is down or slow, puts "
+        "what is refused or keeps failing on the webhook dead-letter topic, and commits offsets only "
+        "after every trigger of a batch is settled.",
+        epilog=DELIVER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    deliver.set_defaults(func=_cmd_deliver)
 
     topics = sub.add_parser("topics", help="manage the declared Kafka topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     topic_triggers: str = "onboarding.triggers"
     topic_triggers_holdout: str = "onboarding.triggers.holdout"
     topic_segments: str = "onboarding.segments"
+    topic_webhook_dlq: str = "onboarding.triggers.webhooks.dlq"
 
     # --- Redis -------------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -273,6 +274,16 @@ class Settings(BaseSettings):
     reco_train_samples: int = Field(
         20_000, ge=10, description="Adoption orders drawn from the sample set for each training pass."
     )
+
+    # --- Webhook delivery (stream-app deliver) ---------------------------------------------------
+    webhooks_file: Path | None = Field(
+        None, description="Webhook endpoints TOML (see config/webhooks.example.toml); `deliver` needs it."
+    )
+    deliver_host: str = Field(
+        "127.0.0.1", description="Where `stream-app deliver` serves /metrics and /healthz."
+    )
+    deliver_port: int = Field(8090, ge=0, le=65535)
+    deliver_batch: int = Field(100, ge=1, le=10_000, description="Triggers delivered per commit.")
 
     # --- Logging ------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -30,7 +30,7 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-ROLES = ("events", "dlq", "triggers", "triggers_holdout", "segments")
+ROLES = ("events", "dlq", "triggers", "triggers_holdout", "segments", "webhook_dlq")
 
 
 class _Topic(Strict):
@@ -48,6 +48,7 @@ class _Topics(Strict):
     triggers: _Topic
     triggers_holdout: _Topic
     segments: _Topic
+    webhook_dlq: _Topic
 
 
 class _File(Strict):

@@ -90,6 +90,41 @@ def register(
         ]
         return self.bytes(orjson.dumps(rows), content_type="application/json")
 
+    previous: list[Any] = []  # the last /debug/memory snapshot, to report growth since
+
+    @app.page("/debug/memory")
+    @guarded
+    async def memory(self: Any, request: Any) -> Any:
+        """Where the worker's Python memory is (needs PYTHONTRACEMALLOC=N at start): the largest
+        allocation sites, and their growth since the previous call."""
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            body = {"tracing": False, "hint": "start the worker with PYTHONTRACEMALLOC=10"}
+            return self.bytes(orjson.dumps(body), content_type="application/json")
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>")]
+        )
+        top = [
+            {"site": str(st.traceback[0]), "kib": round(st.size / 1024, 1), "blocks": st.count}
+            for st in snap.statistics("lineno")[:25]
+        ]
+        growth = []
+        if previous:
+            growth = [
+                {"site": str(st.traceback[0]), "kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff}
+                for st in snap.compare_to(previous[0], "lineno")[:25]
+            ]
+        previous[:] = [snap]
+        traced, _peak = tracemalloc.get_traced_memory()
+        body = {
+            "tracing": True,
+            "traced_mib": round(traced / 2**20, 1),
+            "top": top,
+            "growth_since_last": growth,
+        }
+        return self.bytes(orjson.dumps(body), content_type="application/json")
+
     @app.page("/metrics")
     async def metrics(self: Any, request: Any) -> Any:
         return self.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])

@@ -167,6 +167,7 @@ def make_deployment(kafka_bootstrap: str, redis_url: str, **extra: str) -> Deplo
         TOPIC_TRIGGERS=f"triggers-{tag}",
         TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
         TOPIC_SEGMENTS=f"segments-{tag}",
+        TOPIC_WEBHOOK_DLQ=f"webhook-dlq-{tag}",
         PII_HASH_SALT=PII_SALT,
         LOG_LEVEL="INFO",
         BATCH_MAX_EVENTS="500",

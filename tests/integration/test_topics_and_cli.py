@@ -26,9 +26,10 @@ def test_topics_apply_creates_the_declared_topics_and_is_idempotent(kafka_bootst
         topic_triggers=f"tr-{tag}",
         topic_triggers_holdout=f"ho-{tag}",
         topic_segments=f"sg-{tag}",
+        topic_webhook_dlq=f"wh-{tag}",
     )
     first = apply_topics(settings, kafka_bootstrap)
-    assert sum("created" in line for line in first) == 5
+    assert sum("created" in line for line in first) == 6
     second = apply_topics(settings, kafka_bootstrap)
     assert not any("created" in line for line in second)
     metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
