@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -137,23 +138,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from stream_app.report import lift, outcomes
+    from stream_app.report import engagement, engagement_rows, lift, outcomes
     from stream_app.worker.runtime import Stores
 
-    async def collect() -> list[tuple[str, str, bool]]:
+    async def collect() -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, frozenset[str]]]]:
         stores = Stores(settings)
         rows: list[tuple[str, str, bool]] = []
+        reported: list[tuple[str, str, frozenset[str]]] = []
         try:
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("reading profiles", total=None)
                 async for doc in stores.profiles.documents():
                     rows.extend(outcomes(doc))
+                    reported.extend(engagement_rows(doc))
                     progress.advance(task)
         finally:
             await stores.close()
-        return rows
+        return rows, reported
 
-    results = [r for r in lift(asyncio.run(collect())) if args.type is None or r.trigger_type == args.type]
+    rows, reported = asyncio.run(collect())
+    if args.what == "engagement":
+        return _print_engagement(
+            [e for e in engagement(reported) if args.type in (None, e.trigger_type)], args
+        )
+    results = [r for r in lift(rows) if args.type is None or r.trigger_type == args.type]
     if args.json:
         sys.stdout.write(
             orjson.dumps([r.as_dict() for r in results], option=orjson.OPT_INDENT_2).decode() + "\n"
@@ -190,6 +198,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     Console().print(table)
     if not results:
         print("no trigger decisions recorded yet", file=sys.stderr)
+    return 0
+
+
+def _print_engagement(results: list[Any], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps([e.as_dict() for e in results], option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
+        return 0
+    table = Table(title="Intervention outcomes reported back (treated users; rates of delivered, 95% CI)")
+    for column in ("trigger", "variant", "triggers", "delivered", "opened", "clicked", "dismissed"):
+        table.add_column(column, justify="left" if column in ("trigger", "variant") else "right")
+
+    def cell(e: Any, outcome: str) -> str:
+        r = e.rate(outcome)
+        low, high = r.wilson()
+        return (
+            f"{e.counts[outcome]} ({100 * r.rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}])" if r.n else "0"
+        )
+
+    for e in results:
+        table.add_row(
+            e.trigger_type, e.variant, str(e.triggers), str(e.counts["delivered"]),
+            cell(e, "opened"), cell(e, "clicked"), cell(e, "dismissed"),
+        )  # fmt: skip
+    Console().print(table)
+    if not results:
+        print("no treated trigger recorded yet", file=sys.stderr)
     return 0
 
 
@@ -300,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads every profile in REDIS_URL (or the running demo's Redis) and compares, per "
         "trigger type, how often users completed what the trigger was about after it: users who got "
         "the trigger against the holdout control group (HOLDOUT share per type in the triggers file).",
+    )
+    report.add_argument(
+        "what",
+        nargs="?",
+        choices=["lift", "engagement"],
+        default="lift",
+        help="lift (default): completion of treated vs held-out users; engagement: delivered, opened, "
+        "clicked, dismissed as reported back with Intervention * events, per trigger type and variant",
     )
     report.add_argument("--type", default=None, help="only this trigger type (e.g. stalled_step)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -43,6 +43,14 @@ FEATURE_USED = "Feature Used"
 SESSION_STARTED = "Session Started"
 HELP_VIEWED = "Help Viewed"
 DELETION_REQUESTED = "Data Deletion Requested"
+#: What happened to an intervention, sent back by notification services or the app
+#: (properties.trigger_id names the trigger): event name -> outcome
+OUTCOME_EVENTS: dict[str, str] = {
+    "Intervention Delivered": "delivered",
+    "Intervention Opened": "opened",
+    "Intervention Clicked": "clicked",
+    "Intervention Dismissed": "dismissed",
+}
 
 #: Required string properties of the track events the engine understands.
 REQUIRED_PROPERTIES: dict[str, tuple[str, ...]] = {
@@ -51,6 +59,7 @@ REQUIRED_PROPERTIES: dict[str, tuple[str, ...]] = {
     ONBOARDING_COMPLETED: ("flow",),
     FEATURE_USED: ("feature",),
     HELP_VIEWED: ("step",),
+    **dict.fromkeys(OUTCOME_EVENTS, ("trigger_id",)),
 }
 
 
@@ -415,6 +424,12 @@ def _parse_object(
                     Reason.TOO_LONG,
                     f"properties.{prop} is {len(value)} characters; at most {MAX_NAME_LENGTH}",
                 )
+        variant = properties.get("variant")
+        if event_name in OUTCOME_EVENTS and "variant" in properties:
+            if not isinstance(variant, str):
+                return _wrong("properties.variant", "a string")
+            if len(variant) > MAX_NAME_LENGTH:
+                return Invalid(Reason.TOO_LONG, f"properties.variant is longer than {MAX_NAME_LENGTH}")
     elif "event" in doc:  # the schema types `event` on every event, even where the engine ignores it
         checked_event = _required_str(doc, "event", Reason.WRONG_TYPE, "event must be a string")
         if isinstance(checked_event, Invalid):

@@ -18,6 +18,7 @@ from stream_app.contract import (
     FEATURE_USED,
     HELP_VIEWED,
     ONBOARDING_COMPLETED,
+    OUTCOME_EVENTS,
     SESSION_STARTED,
     STEP_COMPLETED,
     STEP_STARTED,
@@ -32,6 +33,7 @@ MAX_EVENT_NAMES = 100
 MAX_FEATURES = 200
 MAX_RECENT_SESSIONS = 20  # enough for sessions-per-week; each costs ~14 bytes per write
 MAX_GROUPS = 10
+MAX_INTERVENTIONS = 50  # outcomes kept per profile (trigger ids), the earliest first out
 MAX_FLOWS = 20  # onboarding flows tracked per profile; events of further flows are counted only
 MAX_STEPS_PER_FLOW = 50  # distinct steps tracked per flow; further step names are counted only
 OTHER = "(other)"
@@ -238,7 +240,32 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
         _bump(doc["help_views"], props["step"], MAX_FEATURES)
     elif name == DELETION_REQUESTED:
         return [EraseRequested(doc["user_id"])]
+    elif name in OUTCOME_EVENTS:
+        _note_outcome(doc, OUTCOME_EVENTS[name], props, ts)
     return []
+
+
+def _note_outcome(doc: Profile, outcome: str, props: dict[str, Any], ts: int) -> None:
+    """``interventions[trigger_id]``: when each outcome first happened (and the variant shown).
+    The earliest time wins, so the fold is the same in any order and under redelivery."""
+    log: dict[str, dict[str, Any]] = doc.setdefault("interventions", {})
+    tid = props["trigger_id"]
+    entry = log.get(tid)
+    if entry is None:
+        if len(log) >= MAX_INTERVENTIONS:
+            del log[min(log, key=lambda k: (log[k]["first_ms"], k))]
+        entry = log[tid] = {"first_ms": ts}
+    entry["first_ms"] = min(entry["first_ms"], ts)
+    entry[outcome] = min(entry.get(outcome, ts), ts)
+    variant = props.get("variant")
+    if isinstance(variant, str) and variant:
+        _note_variant(entry, variant, ts)
+
+
+def _note_variant(entry: dict[str, Any], variant: str, ts: int) -> None:
+    """The variant of the earliest report that names one (ties: the smaller name)."""
+    if "variant" not in entry or (ts, variant) < (entry["variant_ms"], entry["variant"]):
+        entry["variant"], entry["variant_ms"] = variant, ts
 
 
 def _complete_step(doc: Profile, event: Event) -> list[Effect]:
@@ -349,6 +376,19 @@ def merge_profiles(target: Profile, source: Profile, source_id: str) -> None:
         groups = target.setdefault("groups", {})
         if gid not in groups and len(groups) < MAX_GROUPS:
             groups[gid] = group
+    for tid, entry in source.get("interventions", {}).items():
+        log: dict[str, dict[str, Any]] = target.setdefault("interventions", {})
+        mine = log.get(tid)
+        if mine is None:
+            if len(log) >= MAX_INTERVENTIONS:
+                del log[min(log, key=lambda k: (log[k]["first_ms"], k))]
+            log[tid] = dict(entry)
+            continue
+        for key, value in entry.items():
+            if key == "variant":
+                _note_variant(mine, value, entry["variant_ms"])
+            elif key != "variant_ms":
+                mine[key] = min(mine.get(key, value), value)
     target["identified"] = bool(target.get("identified") or source.get("identified"))
     # never truncated: erasure follows this list (the link is refused beyond the limit instead)
     merged = [*target["merged_from"], source_id, *source.get("merged_from", [])]

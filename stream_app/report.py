@@ -117,3 +117,60 @@ def lift(rows: Iterable[tuple[str, str, bool]]) -> list[Lift]:
         )
         for t in types
     ]
+
+
+OUTCOMES = ("delivered", "opened", "clicked", "dismissed")
+
+
+@dataclass(frozen=True)
+class Engagement:
+    """What notification services and apps reported back about one trigger type (and variant)
+    shown to treated users: how many were delivered, opened, clicked, dismissed."""
+
+    trigger_type: str
+    variant: str
+    triggers: int
+    counts: dict[str, int]
+
+    def rate(self, outcome: str) -> GroupResult:
+        """``outcome`` among the delivered ones (all triggers when no delivery was reported)."""
+        base = self.counts["delivered"] or self.triggers
+        return GroupResult(base, min(base, self.counts[outcome]))
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.trigger_type, "variant": self.variant, "triggers": self.triggers}
+        for outcome in OUTCOMES:
+            out[outcome] = self.counts[outcome]
+            if outcome != "delivered":
+                r = self.rate(outcome)
+                out[f"{outcome}_rate"] = r.rate
+                out[f"{outcome}_ci95"] = list(r.wilson())
+        return out
+
+
+def engagement_rows(doc: Profile) -> list[tuple[str, str, frozenset[str]]]:
+    """(trigger type, variant, outcomes reported) for every treated trigger of this user."""
+    if is_tombstone(doc):
+        return []
+    log: dict[str, Any] = doc.get("interventions") or {}
+    rows = []
+    for fired in (doc.get("engine") or {}).get("fired", []):
+        if fired.get("group") != TREATMENT:
+            continue
+        seen = log.get(fired["trigger_id"]) or {}
+        variant = str(seen.get("variant") or fired.get("variant") or "-")
+        rows.append((fired["type"], variant, frozenset(o for o in OUTCOMES if o in seen)))
+    return rows
+
+
+def engagement(rows: Iterable[tuple[str, str, frozenset[str]]]) -> list[Engagement]:
+    totals: dict[tuple[str, str], list[int]] = {}
+    for type_, variant, seen in rows:
+        t = totals.setdefault((type_, variant), [0] * (1 + len(OUTCOMES)))
+        t[0] += 1
+        for i, outcome in enumerate(OUTCOMES, start=1):
+            t[i] += int(outcome in seen)
+    return [
+        Engagement(type_, variant, t[0], dict(zip(OUTCOMES, t[1:], strict=True)))
+        for (type_, variant), t in sorted(totals.items())
+    ]

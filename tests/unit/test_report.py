@@ -8,7 +8,9 @@ import random
 import pytest
 
 from stream_app.profile import new_profile
-from stream_app.report import GroupResult, Lift, lift, outcomes
+from stream_app.report import GroupResult, Lift, engagement, engagement_rows, lift, outcomes
+
+TREATED = "treatment"
 
 
 def test_wilson_matches_published_values() -> None:
@@ -61,3 +63,39 @@ def test_the_interval_covers_the_true_lift_of_a_simulated_experiment(effect: flo
     low, high = result.interval()
     assert low < effect < high
     assert (low > 0) == (effect > 0)  # a real effect of 15 points is detected, none is not invented
+
+
+def test_engagement_counts_reported_outcomes_per_type_and_variant_of_treated_triggers() -> None:
+    doc = new_profile("u")
+    doc["engine"] = {
+        "fired": [
+            {"trigger_id": "t1", "type": "stalled_step", "subject": "s/a", "at": 1, "group": "treatment"},
+            {"trigger_id": "t2", "type": "stalled_step", "subject": "s/b", "at": 2, "group": "treatment"},
+            {"trigger_id": "t3", "type": "stalled_step", "subject": "s/c", "at": 3, "group": "control"},
+            {
+                "trigger_id": "t4",
+                "type": "onboarding_completed",
+                "subject": "s",
+                "at": 4,
+                "group": "treatment",
+            },
+        ]
+    }
+    doc["interventions"] = {
+        "t1": {"first_ms": 5, "delivered": 5, "opened": 6, "variant": "b"},
+        "t2": {"first_ms": 5, "delivered": 5, "dismissed": 9, "variant": "b"},
+        "t3": {"first_ms": 5, "delivered": 5},  # a control trigger is never shown: not counted
+        "zz": {"first_ms": 5, "opened": 5},  # an id this profile never got: ignored
+    }
+    rows = engagement_rows(doc)
+    assert len(rows) == 3 and set(rows) == {
+        ("onboarding_completed", "-", frozenset()),
+        ("stalled_step", "b", frozenset({"delivered", "dismissed"})),
+        ("stalled_step", "b", frozenset({"delivered", "opened"})),
+    }
+    (done, stalled) = engagement(rows + rows)  # two such users
+    assert stalled.as_dict()["triggers"] == 4 and stalled.counts == {
+        "delivered": 4, "opened": 2, "clicked": 0, "dismissed": 2,
+    }  # fmt: skip
+    assert stalled.rate("opened").rate == 0.5 and done.rate("opened").n == 2  # no delivery reported
+    assert engagement_rows({"merged_into": "x"}) == []
