@@ -138,12 +138,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from stream_app.report import engagement, engagement_rows, lift, outcomes
+    from stream_app.report import arm_outcomes, engagement, engagement_rows, experiments, lift, outcomes
     from stream_app.worker.runtime import Stores
 
-    async def collect() -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, frozenset[str]]]]:
+    Rows = list[tuple[str, str, bool]]
+
+    async def collect() -> tuple[Rows, list[tuple[str, str, frozenset[str]]], Rows]:
         stores = Stores(settings)
-        rows: list[tuple[str, str, bool]] = []
+        rows: Rows = []
+        arms: Rows = []
         reported: list[tuple[str, str, frozenset[str]]] = []
         try:
             with Progress(transient=True, console=Console(stderr=True)) as progress:
@@ -151,12 +154,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 async for doc in stores.profiles.documents():
                     rows.extend(outcomes(doc))
                     reported.extend(engagement_rows(doc))
+                    arms.extend(arm_outcomes(doc))
                     progress.advance(task)
         finally:
             await stores.close()
-        return rows, reported
+        return rows, reported, arms
 
-    rows, reported = asyncio.run(collect())
+    rows, reported, arms = asyncio.run(collect())
+    if args.what == "experiments":
+        compared = [c for c in experiments(arms, args.min_effect) if args.type in (None, c.trigger_type)]
+        return _print_experiments(compared, args)
     if args.what == "engagement":
         return _print_engagement(
             [e for e in engagement(reported) if args.type in (None, e.trigger_type)], args
@@ -198,6 +205,42 @@ def _cmd_report(args: argparse.Namespace) -> int:
     Console().print(table)
     if not results:
         print("no trigger decisions recorded yet", file=sys.stderr)
+    return 0
+
+
+def _print_experiments(results: list[Any], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.json:
+        dump = orjson.dumps([c.as_dict() for c in results], option=orjson.OPT_INDENT_2)
+        sys.stdout.write(dump.decode() + "\n")
+        return 0
+    table = Table(
+        title=f"Experiments: completion after the trigger, variant against control and each other "
+        f"(95% CI; fixed horizon for a {100 * args.min_effect:.1f}-point difference)"
+    )
+    for column in ("trigger", "a", "b", "a rate (n)", "b rate (n)", "difference [95% CI]", "verdict"):
+        table.add_column(column)
+
+    def pct(x: float) -> str:
+        return "-" if x != x else f"{100 * x:.1f}%"
+
+    for c in results:
+        low, high = c.lift.interval()
+        table.add_row(
+            c.trigger_type, c.a, c.b,
+            f"{pct(c.lift.treatment.rate)} ({c.lift.treatment.n})",
+            f"{pct(c.lift.control.rate)} ({c.lift.control.n})",
+            f"{pct(c.lift.difference)} [{pct(low)}, {pct(high)}]",
+            c.verdict(),
+        )  # fmt: skip
+    Console().print(table)
+    if not results:
+        print(
+            "no trigger type runs an experiment (variants in the triggers file), or no data yet",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -343,10 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "what",
         nargs="?",
-        choices=["lift", "engagement"],
+        choices=["lift", "engagement", "experiments"],
         default="lift",
         help="lift (default): completion of treated vs held-out users; engagement: delivered, opened, "
-        "clicked, dismissed as reported back with Intervention * events, per trigger type and variant",
+        "clicked, dismissed as reported back with Intervention * events, per trigger type and variant; "
+        "experiments: each variant against the control and the other variants, with a verdict",
+    )
+    report.add_argument(
+        "--min-effect",
+        type=float,
+        default=0.05,
+        help="experiments: the smallest completion-rate difference worth detecting, absolute "
+        "(default 0.05 = 5 points); sets the sample size a verdict waits for",
     )
     report.add_argument("--type", default=None, help="only this trigger type (e.g. stalled_step)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -174,3 +174,99 @@ def engagement(rows: Iterable[tuple[str, str, frozenset[str]]]) -> list[Engageme
         Engagement(type_, variant, t[0], dict(zip(OUTCOMES, t[1:], strict=True)))
         for (type_, variant), t in sorted(totals.items())
     ]
+
+
+# --- experiments (variants of a trigger type) ---------------------------------------------------
+Z_POWER80 = 0.8416212335729143
+
+
+def arm_outcomes(doc: Profile) -> list[tuple[str, str, bool]]:
+    """(trigger type, arm, succeeded) for the trigger types that run an experiment on this
+    user: arm = the variant shown, or ``control`` for the held-out group."""
+    if is_tombstone(doc):
+        return []
+    fired_log = (doc.get("engine") or {}).get("fired", [])
+    variants = {f["trigger_id"]: f.get("variant") for f in fired_log if "trigger_id" in f}
+    out = []
+    for (type_, group, success), fired in zip(outcomes(doc), fired_log, strict=True):
+        variant = variants.get(fired.get("trigger_id", ""))
+        if group == CONTROL:
+            out.append((type_, CONTROL, success))
+        elif variant:
+            out.append((type_, str(variant), success))
+    return out
+
+
+def planned_n(p_base: float, min_effect: float, z_alpha: float = Z95, z_power: float = Z_POWER80) -> int:
+    """Users per arm to detect an absolute difference of ``min_effect`` from a rate of ``p_base``
+    (two-sided 5 %, power 80 %; the normal approximation for two proportions)."""
+    p1 = min(max(p_base, 0.0), 1.0)
+    p2 = min(1.0, p1 + min_effect) if p1 + min_effect <= 1 else max(0.0, p1 - min_effect)
+    pbar = (p1 + p2) / 2
+    root = z_alpha * math.sqrt(2 * pbar * (1 - pbar)) + z_power * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil(root * root / (min_effect * min_effect)) if min_effect > 0 else 0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm ``a`` against arm ``b`` (b is the control or another variant) of one trigger type."""
+
+    trigger_type: str
+    a: str
+    b: str
+    lift: Lift
+    needed: int  # planned users per arm (fixed horizon)
+
+    def verdict(self) -> str:
+        have = min(self.lift.treatment.n, self.lift.control.n)
+        if have < self.needed:
+            return f"not yet: {self.needed - have} more users per arm (planned {self.needed})"
+        low, high = self.lift.interval()
+        if low > 0:
+            return f"{self.a} better"
+        if high < 0:
+            return f"{self.b} better"
+        return "no difference of the minimum effect or more"
+
+    def as_dict(self) -> dict[str, Any]:
+        low, high = self.lift.interval()
+        return {
+            "type": self.trigger_type,
+            "a": self.a,
+            "b": self.b,
+            "a_n": self.lift.treatment.n,
+            "a_rate": self.lift.treatment.rate,
+            "b_n": self.lift.control.n,
+            "b_rate": self.lift.control.rate,
+            "difference": self.lift.difference,
+            "difference_ci95": [low, high],
+            "planned_n_per_arm": self.needed,
+            "verdict": self.verdict(),
+        }
+
+
+def experiments(rows: Iterable[tuple[str, str, bool]], min_effect: float) -> list[Comparison]:
+    """Every variant against the control and against each other, per trigger type.
+
+    Fixed horizon: a comparison names a winner only once both arms reached the sample size
+    planned for ``min_effect`` (from the control's observed rate, 50 % while it has none), so
+    looking at the report every day does not inflate false winners the way stopping at the
+    first significant look would; before that it says how many users are still needed."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for type_, arm, success in rows:
+        c = counts.setdefault((type_, arm), [0, 0])
+        c[0] += 1
+        c[1] += int(success)
+    out: list[Comparison] = []
+    for type_ in sorted({t for t, _a in counts}):
+        arms = sorted(a for t, a in counts if t == type_ and a != CONTROL)
+        control = GroupResult(*counts.get((type_, CONTROL), [0, 0]))
+        base = control.rate if control.n else 0.5
+        needed = planned_n(base, min_effect)
+        pairs = [(a, CONTROL) for a in arms] + [(a, b) for i, a in enumerate(arms) for b in arms[i + 1 :]]
+        for a, b in pairs:
+            lift_ab = Lift(
+                type_, GroupResult(*counts[(type_, a)]), GroupResult(*counts.get((type_, b), [0, 0]))
+            )
+            out.append(Comparison(type_, a, b, lift_ab, needed))
+    return out

@@ -47,6 +47,16 @@ class ActionRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Variant:
+    """One arm of an experiment on a trigger type: its name, share weight, and the action
+    fields it sets over the matched action's (e.g. another ``template``)."""
+
+    name: str
+    weight: float = 1.0
+    action: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class TriggerType:
     name: str
     enabled: bool = True
@@ -54,6 +64,7 @@ class TriggerType:
     reeligible_after_ms: int | None = None  # None: once per subject
     holdout: float = 0.0
     actions: tuple[ActionRule, ...] = ()
+    variants: tuple[Variant, ...] = ()  # an A/B/n test among treated users (none: no test)
 
     def action_for(self, segments: frozenset[str], cluster_name: str | None) -> ActionRule | None:
         return next((a for a in self.actions if a.matches(segments, cluster_name)), None)
@@ -97,12 +108,29 @@ class _Action(Strict):
         return action
 
 
+class _Variant(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    weight: float = Field(1.0, gt=0)
+    action: dict[str, Any] = Field(default_factory=dict)
+
+
 class _Type(Strict):
     enabled: bool = True
     cooldown: float = Field(0, ge=0)
     reeligible_after: float | None = Field(None, ge=0)
     holdout: float = Field(0.0, ge=0, le=1)
     actions: list[_Action] = Field(default_factory=list)
+    variants: list[_Variant] = Field(default_factory=list)
+
+    @field_validator("variants")
+    @classmethod
+    def _arms(cls, variants: list[_Variant]) -> list[_Variant]:
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must differ, got {names}")
+        if len(variants) == 1:
+            raise ValueError("an experiment needs at least two variants (or none)")
+        return variants
 
 
 class _Stalled(_Type):
@@ -182,6 +210,7 @@ def parse_config(
             None if table.reeligible_after is None else int(table.reeligible_after * 1000),
             table.holdout,
             tuple(ActionRule(dict(a.action), a.segment, a.cluster) for a in table.actions),
+            tuple(Variant(v.name, v.weight, dict(v.action)) for v in table.variants),
         )
     st = parsed.stalled_step or _Stalled()
     stall = StallSettings(

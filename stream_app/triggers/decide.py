@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from stream_app.contract import iso_ms
 from stream_app.profile import Profile
-from stream_app.triggers.config import StallSettings, TriggerConfig, TriggerType
+from stream_app.triggers.config import StallSettings, TriggerConfig, TriggerType, Variant
 
 DAY_MS = 86_400_000
 MAX_HANDLED = 200
@@ -99,6 +99,20 @@ def in_holdout(user_id: str, type_: str, share: float) -> bool:
         return False
     digest = hashlib.sha256(f"holdout\x1f{type_}\x1f{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def assign_variant(user_id: str, type_: str, variants: Sequence[Variant]) -> Variant | None:
+    """The user's arm of a trigger type's experiment: deterministic (a hash of user and type,
+    independent of the holdout's), weighted; the same user always sees the same variant."""
+    if not variants:
+        return None
+    digest = hashlib.sha256(f"variant\x1f{type_}\x1f{user_id}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(v.weight for v in variants)
+    for variant in variants:
+        point -= variant.weight
+        if point < 0:
+            return variant
+    return variants[-1]
 
 
 def engine_state(doc: Profile) -> dict[str, Any]:
@@ -256,24 +270,27 @@ def decide(
         if group == CONTROL:
             out.suppressed.append((cand.type, "holdout"))
         tid = trigger_id(user_id, cand.type, cand.occurrence)
-        fired.append(
-            {"trigger_id": tid, "type": cand.type, "subject": cand.subject, "at": now_ms, "group": group}
-        )
+        variant = assign_variant(user_id, cand.type, ttype.variants)
+        record = {"trigger_id": tid, "type": cand.type, "subject": cand.subject, "at": now_ms, "group": group}
+        if variant is not None:
+            record["variant"] = variant.name
+        fired.append(record)
         assert rule is not None
-        out.triggers.append(
-            {
-                "trigger_id": tid,
-                "type": cand.type,
-                "user_id": user_id,
-                "created_at": iso_ms(now_ms),
-                "due_at": iso_ms(cand.due_ms),
-                "group": group,
-                "evidence": dict(cand.evidence()),
-                "action": dict(rule.action),
-                "segments": sorted(segments),
-                "cluster": dict(cluster) if cluster else None,
-            }
-        )
+        message = {
+            "trigger_id": tid,
+            "type": cand.type,
+            "user_id": user_id,
+            "created_at": iso_ms(now_ms),
+            "due_at": iso_ms(cand.due_ms),
+            "group": group,
+            "evidence": dict(cand.evidence()),
+            "action": {**rule.action, **(variant.action if variant else {})},
+            "segments": sorted(segments),
+            "cluster": dict(cluster) if cluster else None,
+        }
+        if variant is not None:
+            message["variant"] = variant.name
+        out.triggers.append(message)
     if len(handled) > MAX_HANDLED:
         for old in sorted(handled, key=handled.__getitem__)[: len(handled) - MAX_HANDLED]:
             del handled[old]

@@ -8,7 +8,17 @@ import random
 import pytest
 
 from stream_app.profile import new_profile
-from stream_app.report import GroupResult, Lift, engagement, engagement_rows, lift, outcomes
+from stream_app.report import (
+    GroupResult,
+    Lift,
+    arm_outcomes,
+    engagement,
+    engagement_rows,
+    experiments,
+    lift,
+    outcomes,
+    planned_n,
+)
 
 TREATED = "treatment"
 
@@ -99,3 +109,49 @@ def test_engagement_counts_reported_outcomes_per_type_and_variant_of_treated_tri
     }  # fmt: skip
     assert stalled.rate("opened").rate == 0.5 and done.rate("opened").n == 2  # no delivery reported
     assert engagement_rows({"merged_into": "x"}) == []
+
+
+def test_the_planned_sample_matches_the_textbook_value() -> None:
+    # 50 % vs 55 %, two-sided 5 %, power 80 %: 1,565 per group (e.g. Fleiss, Statistical
+    # Methods for Rates and Proportions, the normal approximation without continuity correction)
+    assert planned_n(0.5, 0.05) == 1565
+    assert planned_n(0.5, 0.025) > 4 * planned_n(0.5, 0.05) * 0.95  # a half effect: ~4x the users
+    assert planned_n(0.98, 0.05) > 0  # near the top the effect is measured downwards
+
+
+def test_an_experiment_waits_for_its_planned_sample_then_names_the_better_arm() -> None:
+    def rows(arm: str, n: int, rate: float) -> list[tuple[str, str, bool]]:
+        return [("stalled_step", arm, i < rate * n) for i in range(n)]
+
+    early = experiments(rows("a", 100, 0.6) + rows("control", 100, 0.3), min_effect=0.1)
+    (only,) = early
+    assert only.verdict().startswith("not yet") and only.needed > 100
+    late = experiments(
+        rows("a", 2000, 0.6) + rows("b", 2000, 0.58) + rows("control", 2000, 0.3), min_effect=0.1
+    )
+    verdicts = {(c.a, c.b): c.verdict() for c in late}
+    assert verdicts == {
+        ("a", "control"): "a better",
+        ("b", "control"): "b better",
+        ("a", "b"): "no difference of the minimum effect or more",
+    }
+    assert late[0].as_dict()["planned_n_per_arm"] == late[0].needed
+
+
+def test_arm_outcomes_name_the_variant_shown_or_the_control() -> None:
+    doc = new_profile("u")
+    doc["onboarding"]["signup"] = {"status": "completed", "completed_ms": 5000, "completed_steps": {}}
+    doc["engine"] = {
+        "fired": [
+            {"trigger_id": "t1", "type": "onboarding_abandoned", "subject": "signup", "at": 1000,
+             "group": "treatment", "variant": "email_b"},
+            {"trigger_id": "t2", "type": "onboarding_abandoned", "subject": "signup", "at": 9000,
+             "group": "control"},
+            {"trigger_id": "t3", "type": "onboarding_completed", "subject": "signup", "at": 1,
+             "group": "treatment"},  # no experiment on this type: not an arm
+        ]
+    }  # fmt: skip
+    assert arm_outcomes(doc) == [
+        ("onboarding_abandoned", "email_b", True),
+        ("onboarding_abandoned", "control", False),
+    ]

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from stream_app.paths import CONFIG_DIR
 from stream_app.profile import Profile, new_profile
-from stream_app.triggers.config import StallSettings, load_triggers, parse_config
+from stream_app.triggers.config import StallSettings, TriggerConfigError, load_triggers, parse_config
 from stream_app.triggers.decide import (
     CONTROL,
     TREATMENT,
     StepBaseline,
+    assign_variant,
     decide,
     in_holdout,
     stall_threshold,
@@ -229,3 +230,43 @@ def test_any_sequence_of_evaluations_fires_an_occurrence_at_most_once(times: lis
 @pytest.mark.parametrize("user", ["a", "b"])
 def test_trigger_ids_are_stable(user: str) -> None:
     assert trigger_id(user, "t", "o") == trigger_id(user, "t", "o") != trigger_id(user, "t", "o2")
+
+
+# --- experiments ------------------------------------------------------------------------------
+
+VARIANTS = [
+    {"name": "tutorial", "weight": 3, "action": {"template": "video"}},
+    {"name": "checklist", "weight": 1, "action": {"kind": "checklist_nudge"}},
+]
+
+
+def test_variants_are_assigned_by_user_deterministically_and_by_weight() -> None:
+    arms = config(stalled_step={"variants": VARIANTS}).types["stalled_step"].variants
+    picks = [assign_variant(f"user-{i}", "stalled_step", arms) for i in range(20_000)]
+    assert picks == [assign_variant(f"user-{i}", "stalled_step", arms) for i in range(20_000)]
+    share = sum(1 for p in picks if p is not None and p.name == "tutorial") / len(picks)
+    assert 0.73 < share < 0.77
+    assert assign_variant("u", "stalled_step", ()) is None
+
+
+def test_the_trigger_carries_its_variant_and_the_variants_action_fields() -> None:
+    cfg = config(stalled_step={"variants": VARIANTS})
+    doc = stuck_at()
+    d = run(doc, 121, cfg)
+    (message,) = d.triggers
+    arm = assign_variant("u1", "stalled_step", cfg.types["stalled_step"].variants)
+    assert arm is not None and message["variant"] == arm.name
+    assert message["action"] == {"kind": "tutorial", **arm.action}
+    assert doc["engine"]["fired"][0]["variant"] == arm.name
+    assert "variant" not in run(stuck_at(), 121).triggers[0]  # no experiment: no variant
+
+
+@pytest.mark.parametrize(
+    ("variants", "words"),
+    [([VARIANTS[0]], "at least two"), ([VARIANTS[0], VARIANTS[0]], "must differ"),
+     ([{**VARIANTS[0], "weight": 0}, VARIANTS[1]], "weight")],
+)  # fmt: skip
+def test_a_bad_experiment_names_its_table(variants: list[Any], words: str) -> None:
+    with pytest.raises(TriggerConfigError) as err:
+        config(stalled_step={"variants": variants})
+    assert "stalled_step" in str(err.value) and words in str(err.value)
