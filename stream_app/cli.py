@@ -138,16 +138,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from stream_app.report import arm_outcomes, engagement, engagement_rows, experiments, lift, outcomes
+    from stream_app.report import (
+        arm_outcomes,
+        engagement,
+        engagement_rows,
+        experiments,
+        funnel,
+        funnel_rows,
+        lift,
+        outcomes,
+    )
     from stream_app.worker.runtime import Stores
 
     Rows = list[tuple[str, str, bool]]
 
-    async def collect() -> tuple[Rows, list[tuple[str, str, frozenset[str]]], Rows]:
+    async def collect() -> tuple[Rows, list[Any], Rows, list[Any]]:
         stores = Stores(settings)
         rows: Rows = []
         arms: Rows = []
         reported: list[tuple[str, str, frozenset[str]]] = []
+        steps: list[tuple[str, str, str, str, float | None]] = []
         try:
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("reading profiles", total=None)
@@ -155,12 +165,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
                     rows.extend(outcomes(doc))
                     reported.extend(engagement_rows(doc))
                     arms.extend(arm_outcomes(doc))
+                    steps.extend(funnel_rows(doc, args.by))
                     progress.advance(task)
         finally:
             await stores.close()
-        return rows, reported, arms
+        return rows, reported, arms, steps
 
-    rows, reported, arms = asyncio.run(collect())
+    rows, reported, arms, steps = asyncio.run(collect())
+    if args.what == "funnel":
+        return _print_funnel(funnel(steps), args)
     if args.what == "experiments":
         compared = [c for c in experiments(arms, args.min_effect) if args.type in (None, c.trigger_type)]
         return _print_experiments(compared, args)
@@ -205,6 +218,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     Console().print(table)
     if not results:
         print("no trigger decisions recorded yet", file=sys.stderr)
+    return 0
+
+
+def _print_funnel(results: list[Any], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.json:
+        dump = orjson.dumps([f.as_dict() for f in results], option=orjson.OPT_INDENT_2)
+        sys.stdout.write(dump.decode() + "\n")
+        return 0
+    table = Table(title=f"Funnel by {args.by}: started, completed, dropped (stalled or abandoned) per step")
+    for column in (args.by, "flow", "step", "started", "completed", "dropped", "median time to complete"):
+        table.add_column(column, justify="right" if column in ("started", "completed", "dropped") else "left")
+    for f in results:
+        median = "-" if f.median_s != f.median_s else f"{f.median_s:.0f} s"
+        table.add_row(f.group, f.flow, f.step, str(f.started), str(f.completed), str(f.dropped), median)
+    Console().print(table)
+    if not results:
+        print("no onboarding steps recorded yet", file=sys.stderr)
     return 0
 
 
@@ -386,11 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "what",
         nargs="?",
-        choices=["lift", "engagement", "experiments"],
+        choices=["lift", "engagement", "experiments", "funnel"],
         default="lift",
         help="lift (default): completion of treated vs held-out users; engagement: delivered, opened, "
         "clicked, dismissed as reported back with Intervention * events, per trigger type and variant; "
-        "experiments: each variant against the control and the other variants, with a verdict",
+        "experiments: each variant against the control and the other variants, with a verdict; "
+        "funnel: per flow step, started / completed / dropped and the median time, by --by",
+    )
+    report.add_argument(
+        "--by",
+        choices=["all", "segment", "cluster"],
+        default="segment",
+        help="funnel: group users by rule segment (default), by cluster, or not at all",
     )
     report.add_argument(
         "--min-effect",

@@ -270,3 +270,79 @@ def experiments(rows: Iterable[tuple[str, str, bool]], min_effect: float) -> lis
             )
             out.append(Comparison(type_, a, b, lift_ab, needed))
     return out
+
+
+# --- funnels --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FunnelStep:
+    """One flow step for one group of users: how many started it, completed it, dropped at it
+    (a stalled_step decision for the step, or the flow abandoned while on it), and the
+    median time to complete it."""
+
+    group: str
+    flow: str
+    step: str
+    started: int = 0
+    completed: int = 0
+    dropped: int = 0
+    durations: list[float] | None = None
+
+    @property
+    def median_s(self) -> float:
+        values = sorted(self.durations or [])
+        if not values:
+            return math.nan
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group, "flow": self.flow, "step": self.step, "started": self.started,
+            "completed": self.completed, "dropped": self.dropped, "median_s": self.median_s,
+        }  # fmt: skip
+
+
+def funnel_rows(doc: Profile, by: str) -> list[tuple[str, str, str, str, float | None]]:
+    """(group, flow, step, state, duration) for every step this user started; state is
+    completed, dropped or open. ``by``: ``all``, ``segment`` (one row per segment the user
+    is in) or ``cluster``."""
+    if is_tombstone(doc):
+        return []
+    engine = doc.get("engine") or {}
+    if by == "segment":
+        groups = list(engine.get("segments") or []) or ["(no segment)"]
+    elif by == "cluster":
+        groups = [str((engine.get("cluster") or {}).get("name") or "(no cluster)")]
+    else:
+        groups = ["all"]
+    stalled = {f["subject"] for f in engine.get("fired", []) if f["type"] == "stalled_step"}
+    abandoned = {f["subject"] for f in engine.get("fired", []) if f["type"] == "onboarding_abandoned"}
+    rows: list[tuple[str, str, str, str, float | None]] = []
+    for flow, state in (doc.get("onboarding") or {}).items():
+        steps: list[tuple[str, str, float | None]] = [
+            (step, "completed", done.get("duration_s"))
+            for step, done in state.get("completed_steps", {}).items()
+        ]
+        current = state.get("current_step")
+        if current and current not in state.get("completed_steps", {}):
+            dropped = f"{flow}/{current}" in stalled or flow in abandoned
+            steps.append((current, "dropped" if dropped else "open", None))
+        rows.extend((g, flow, step, what, took) for g in groups for step, what, took in steps)
+    return rows
+
+
+def funnel(rows: Iterable[tuple[str, str, str, str, float | None]]) -> list[FunnelStep]:
+    out: dict[tuple[str, str, str], FunnelStep] = {}
+    for group, flow, step, what, took in rows:
+        entry = out.setdefault((group, flow, step), FunnelStep(group, flow, step, durations=[]))
+        entry.started += 1
+        if what == "completed":
+            entry.completed += 1
+            if took is not None and entry.durations is not None:
+                entry.durations.append(took)
+        elif what == "dropped":
+            entry.dropped += 1
+    # within a group and flow, the funnel's order: most started first
+    return sorted(out.values(), key=lambda f: (f.group, f.flow, -f.started, f.step))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,8 @@ from stream_app.report import (
     engagement,
     engagement_rows,
     experiments,
+    funnel,
+    funnel_rows,
     lift,
     outcomes,
     planned_n,
@@ -155,3 +158,32 @@ def test_arm_outcomes_name_the_variant_shown_or_the_control() -> None:
         ("onboarding_abandoned", "email_b", True),
         ("onboarding_abandoned", "control", False),
     ]
+
+
+def test_the_funnel_counts_started_completed_dropped_and_median_time_per_group() -> None:
+    def user(segments: list[str], done: dict[str, float], current: str | None, stalled: bool) -> Any:
+        doc = new_profile("u")
+        doc["onboarding"]["signup"] = {
+            "status": "in_progress",
+            "current_step": current,
+            "completed_steps": {s: {"completed_ms": 1, "duration_s": d} for s, d in done.items()},
+        }
+        fired = [{"type": "stalled_step", "subject": f"signup/{current}", "at": 1, "group": "control"}]
+        doc["engine"] = {"segments": segments, "cluster": None, "fired": fired if stalled else []}
+        return doc
+
+    docs = [
+        user(["struggling"], {"account": 10}, "profile", stalled=True),
+        user(["struggling"], {"account": 30, "profile": 50}, "connect", stalled=False),
+        user(["power_user", "struggling"], {"account": 20}, None, stalled=False),
+    ]
+    by_segment = {(f.group, f.step): f for f in funnel(r for d in docs for r in funnel_rows(d, "segment"))}
+    account = by_segment[("struggling", "account")]
+    assert (account.started, account.completed, account.dropped, account.median_s) == (3, 3, 0, 20)
+    profile = by_segment[("struggling", "profile")]
+    assert (profile.started, profile.completed, profile.dropped, profile.median_s) == (2, 1, 1, 50)
+    assert by_segment[("struggling", "connect")].dropped == 0  # still open, not stalled
+    assert by_segment[("power_user", "account")].started == 1
+    everyone = funnel(r for d in docs for r in funnel_rows(d, "all"))
+    assert [f.step for f in everyone] == ["account", "profile", "connect"]  # the funnel's order
+    assert funnel_rows({"merged_into": "x"}, "all") == []
