@@ -54,7 +54,7 @@ def status_of(url: str, headers: dict[str, str] | None = None) -> int:
 def test_profiles_and_stats_need_a_bearer_token_when_tokens_are_set(
     deployment: Deployment, worker_factory: Any
 ) -> None:
-    worker: WorkerHandle = worker_factory(API_TOKENS="tok-one, tok-two").start()
+    worker: WorkerHandle = worker_factory(API_TOKENS="tok-one, tok-two", PYTHONTRACEMALLOC="1").start()
     events = synthetic_events(users=3, seed=31, start_ms=1_795_000_000_000)
     deployment.send(events)
     wait_until(lambda: applied_total(worker) >= len(events), 60, "events applied", worker.tail)
@@ -68,6 +68,14 @@ def test_profiles_and_stats_need_a_bearer_token_when_tokens_are_set(
     status, doc = worker.get("/profiles/user-31-0", {"Authorization": "bearer tok-one"})
     assert status == 200 and doc["user_id"] == "user-31-0"
     assert worker.get("/profiles/nobody", {"Authorization": "Bearer tok-one"})[0] == 404
+
+    # where the memory goes (tracemalloc, started by PYTHONTRACEMALLOC), behind the token too
+    assert worker.get("/debug/memory")[0] == 401
+    status, first = worker.get("/debug/memory", {"Authorization": "Bearer tok-one"})
+    assert status == 200 and first["tracing"] and first["traced_mib"] > 0 and len(first["top"]) == 25
+    assert first["growth_since_last"] == [] and ":" in first["top"][0]["site"]
+    second = worker.get("/debug/memory", {"Authorization": "Bearer tok-one"})[1]
+    assert second["growth_since_last"] and {"site", "kib", "blocks"} == set(second["growth_since_last"][0])
 
     # the probes and the metrics stay open; Faust's own pages are not served at all
     assert status_of(worker.url + "/metrics") == 200
