@@ -604,11 +604,30 @@ class Soak:
     #: at the end: key kind -> (keys, bytes), and the users and events behind them
     breakdown: dict[str, tuple[int, int]] = field(default_factory=dict)
     users: int = 0
+    _cpu: dict[int, tuple[float, float]] = field(default_factory=dict)  # pid -> (cpu s, at)
+
+    def cpu_share(self, pid: int) -> float:
+        """Share of one core ``pid`` used since the previous sample (0 the first time)."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        now = time.monotonic()
+        before = self._cpu.get(pid)
+        self._cpu[pid] = (used, now)
+        return (used - before[0]) / max(1e-6, now - before[1]) if before else 0.0
 
     def sample(self, cluster: Cluster, load: Load, t: float) -> None:
         rss = 0.0
         series = 0.0
         cache = 0.0
+        worker_cpu = max([0.0, *(self.cpu_share(w.pid) for w in cluster.live())])
+        broker_cpu = self.cpu_share(cluster.broker.pid)
+        broker_rss = 0.0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = Path(f"/proc/{cluster.broker.pid}/status").read_text()
+            broker_rss = float(status.split("VmRSS:")[1].split()[0]) / 1024
         for w in cluster.live():
             with contextlib.suppress(OSError, ValueError):
                 status = Path(f"/proc/{w.pid}/status").read_text()
@@ -638,6 +657,9 @@ class Soak:
                 "lag": cluster.lag() or 0.0,
                 "series": series,
                 "cache_mb": cache,
+                "worker_cpu": worker_cpu,
+                "broker_cpu": broker_cpu,
+                "broker_rss_mb": broker_rss,
             }
         )
         if self.csv is not None:
@@ -656,7 +678,10 @@ class Soak:
             return out
         ts = [r["t"] / 3600 for r in half]
         mean_t = sum(ts) / len(ts)
-        for key in ("rss_mb", "cache_mb", "redis_bytes_per_user", "redis_bytes_per_event", "lag", "series"):
+        for key in (
+            "rss_mb", "cache_mb", "redis_bytes_per_user", "redis_bytes_per_event", "lag", "series",
+            "worker_cpu", "broker_cpu", "broker_rss_mb",
+        ):  # fmt: skip
             ys = [r[key] for r in half]
             mean_y = sum(ys) / len(ys)
             num = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys, strict=True))
@@ -703,6 +728,9 @@ def report(
         names = {
             "rss_mb": "worker RSS (MB, largest worker)",
             "cache_mb": "of which the profile cache (MiB of documents, largest worker)",
+            "worker_cpu": "worker CPU (share of one core, busiest worker)",
+            "broker_cpu": "broker CPU (share of one core)",
+            "broker_rss_mb": "broker RSS (MB)",
             "redis_bytes_per_user": "Redis used memory per user (bytes)",
             "redis_bytes_per_event": "Redis used memory per valid event produced (bytes)",
             "lag": "uncommitted backlog (records)",

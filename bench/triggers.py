@@ -169,7 +169,7 @@ def main() -> None:
             TOPIC_EVENTS=f"events-{tag}",
             TOPIC_TRIGGERS=f"triggers-{tag}",
             TOPIC_SEGMENTS=f"segments-{tag}",
-        TOPIC_WEBHOOK_DLQ=f"webhook-dlq-{tag}",
+            TOPIC_WEBHOOK_DLQ=f"webhook-dlq-{tag}",
             TOPIC_TRIGGERS_HOLDOUT=f"holdout-{tag}",
             TOPIC_DLQ=f"dlq-{tag}",
             TRIGGERS_FILE=str(config),
