@@ -568,8 +568,14 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         producer.start()
         if args.soak:
+            traced = 0
             while producer.is_alive():
                 soak.sample(cluster, load, time.monotonic() - started)
+                now = time.monotonic() - started
+                # a tracemalloc snapshot at the half and near the end: growth between them
+                if (traced == 0 and now > args.seconds / 2) or (traced == 1 and now > args.seconds * 0.95):
+                    soak.trace_memory(cluster, now, args.seconds)
+                    traced += 1
                 time.sleep(10)
         for fault in faults:
             while time.monotonic() - started < fault.at_s:
@@ -605,6 +611,24 @@ class Soak:
     breakdown: dict[str, tuple[int, int]] = field(default_factory=dict)
     users: int = 0
     _cpu: dict[int, tuple[float, float]] = field(default_factory=dict)  # pid -> (cpu s, at)
+    #: with PYTHONTRACEMALLOC set: the first worker's largest allocation-site growth over the
+    #: second half (from its /debug/memory), to tell what a growing RSS is made of
+    memory_growth: list[dict[str, Any]] = field(default_factory=list)
+
+    def trace_memory(self, cluster: Cluster, t: float, seconds: float) -> None:
+        if not os.environ.get("PYTHONTRACEMALLOC") or self.csv is None:
+            return
+        first = next(iter(cluster.live()), None)
+        if first is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(first.url + "/debug/memory", timeout=60) as resp:
+                body = orjson.loads(resp.read())
+            (self.csv.parent / f"memory-{t:.0f}s.json").write_bytes(
+                orjson.dumps(body, option=orjson.OPT_INDENT_2)
+            )
+            if t > seconds * 0.9:
+                self.memory_growth = body.get("growth_since_last", [])[:8]
 
     def cpu_share(self, pid: int) -> float:
         """Share of one core ``pid`` used since the previous sample (0 the first time)."""
@@ -743,6 +767,16 @@ def report(
         for key, (end, slope, least, most) in soak.slopes().items():
             soak_lines.append(f"| {names[key]} | {end:,.1f} | {slope:+,.1f} | {least:,.1f} to {most:,.1f} |")
             console.print(f"{names[key]}: {end:,.1f} at the end, {slope:+,.1f} per hour")
+        if soak.memory_growth:
+            soak_lines += [
+                "",
+                "Largest growth of traced Python memory in the first worker between the half and the "
+                "end (`/debug/memory`, PYTHONTRACEMALLOC=1):",
+                "",
+                "| allocation site | KiB | blocks |",
+                "|---|---|---|",
+                *(f"| `{g['site']}` | {g['kib']:+,.0f} | {g['blocks']:+,} |" for g in soak.memory_growth),
+            ]
         if soak.breakdown:
             soak_lines += [
                 "",

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -84,6 +85,65 @@ def _set_fetch_max_wait(ms: int) -> None:
     faust_aiokafka.aiokafka.AIOKafkaConsumer = _Consumer
 
 
+def _supports_idempotence(settings: Settings, bootstrap: str) -> bool:
+    """Whether the brokers grant a producer id (InitProducerId): Apache Kafka does; the
+    embedded broker (Tansu) answers aiokafka's request with an error. Probed once at start-up
+    with a producer of the worker's own settings, in a thread of its own (no event loop is
+    needed or disturbed)."""
+    import concurrent.futures
+
+    import aiokafka
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    async def probe() -> bool:
+        producer = aiokafka.AIOKafkaProducer(
+            bootstrap_servers=[b.strip() for b in bootstrap.split(",")],
+            enable_idempotence=True,
+            acks="all",
+            request_timeout_ms=10_000,
+            **credentials_to_aiokafka_auth(_credentials(settings)),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), 20)
+            return True
+        except Exception as exc:  # any refusal means: not available here
+            log.warning(
+                "the brokers do not grant idempotent producer ids; outputs are sent without "
+                "idempotence (a retried request can write a record twice: consumers dedupe by id)",
+                extra={"error": repr(exc)[:200]},
+            )
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe()).result()
+
+
+def _idempotent_producer() -> None:
+    """Faust builds its aiokafka producer idempotent only inside transactions (exactly-once).
+
+    Without it, a produce request the broker wrote but answered late or with a retriable
+    error is sent again by aiokafka, and the record lands twice: the same trigger twice on
+    the topic (the soak saw 2-3 copies 30-50 ms apart with an overloaded broker and no
+    fault). With idempotence the broker drops the retried copy by producer id and sequence.
+    As for the consumer above, the worker is a process of its own.
+    """
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    producer = faust_aiokafka.Producer
+    if getattr(producer, "_stream_app_idempotent", False):
+        return
+    extra = producer._settings_extra
+
+    def _settings_extra(self: Any) -> Mapping[str, Any]:
+        return {**extra(self), "acks": "all", "enable_idempotence": True}
+
+    producer._settings_extra = _settings_extra  # type: ignore[method-assign]
+    producer._stream_app_idempotent = True  # type: ignore[attr-defined]
+
+
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     """The Faust app with its agent, views and timers registered, and the runtime they drive."""
     bootstrap, _ = settings.require_services()
@@ -91,6 +151,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     tokens = api_tokens(settings.api_tokens.get_secret_value() if settings.api_tokens else None)
     stores = Stores(settings)
     _set_fetch_max_wait(settings.kafka_fetch_max_wait_ms)
+    if _supports_idempotence(settings, bootstrap):
+        _idempotent_producer()
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in bootstrap.split(","))
     app = faust.App(
