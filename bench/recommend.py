@@ -56,6 +56,7 @@ from stream_app.topics import apply_topics
 SECTION = "## Personalization as delivered: next-feature recommendations and the decision endpoint"
 console = Console()
 KEY = "wk-bench"
+TIME_SCALE = 0.1  # journeys of days compressed to hours: every event lies in the past
 
 
 @dataclass
@@ -70,7 +71,7 @@ def held_out(users: int, seed: int) -> list[HeldOut]:
     rng = random.Random(seed)
     out = []
     for user in generate_users(users, seed):
-        events = user_events(user, 0)
+        events = user_events(user, 0, time_scale=TIME_SCALE)
         order = adopted_features(events)
         if len(order) < 2:
             continue
@@ -105,7 +106,7 @@ def wait_applied(url: str, n: int, timeout: float = 600) -> None:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("worker applying", total=n)
         while time.monotonic() < deadline:
-            done = total(scrape(url + "/metrics"), "onboarding_events_applied_total")
+            done = total(scrape(url + "/metrics"), "onboarding_events_consumed_total")  # applied or not
             progress.update(task, completed=done)
             if done >= n:
                 return
@@ -134,7 +135,6 @@ async def open_loop(url: str, users: list[str], rate: float, seconds: float) -> 
 
     async def one(due: float, uid: str) -> None:
         nonlocal errors
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
         async with session.get(f"{url}/v1/personalization", params={"userId": uid}) as resp:
             await resp.read()
             if resp.status != 200:
@@ -143,8 +143,13 @@ async def open_loop(url: str, users: list[str], rate: float, seconds: float) -> 
 
     async with aiohttp.ClientSession(headers=auth, connector=connector) as session:
         start = time.perf_counter() + 0.5
-        n = int(rate * seconds)
-        tasks = [asyncio.create_task(one(start + i / rate, rng.choice(users))) for i in range(n)]
+        tasks = set()
+        for i in range(int(rate * seconds)):  # each request started when it is due, not before
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            task = asyncio.create_task(one(due, rng.choice(users)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
     if errors:
         raise SystemExit(f"{errors} requests failed")
@@ -191,7 +196,15 @@ def main() -> None:
         apply_topics(settings, broker.bootstrap)
         now = int(time.time() * 1000)
         train_users = generate_users(args.train_users, 301)
-        history = list(interleaved_stream(train_users, now - 4 * 86_400_000, 301, arrival_spread_s=86_400))
+        history = list(
+            interleaved_stream(
+                train_users,
+                now - 4 * 86_400_000,
+                301,
+                time_scale=TIME_SCALE,
+                arrival_spread_s=86_400 / TIME_SCALE,
+            )
+        )
         tests = held_out(args.test_users, 302)
         test_events = [e for t in tests for e in shift(t.events, now - 2 * 86_400_000)]
         with console.status(f"producing {len(history):,} + {len(test_events):,} events…"):
@@ -207,9 +220,12 @@ def main() -> None:
             while int(client.hget(keys.model("reco", "model"), "version") or 0) < base + 1:
                 time.sleep(0.5)
         model = RecoModel.from_json(client.hget(keys.model("reco", "model"), "snapshot"))  # type: ignore[arg-type]
+        worker.stop()  # the answers need Redis only; a training worker would share the cores
         collector = start("collector", env)
+        # the collector alone on core 0; the load generator and Redis on core 1
         os.sched_setaffinity(collector.pid, {0})
         os.sched_setaffinity(0, {1})
+        os.sched_setaffinity(private_redis.pid, {1})
         answers = asyncio.run(ask_all(collector.url, [t.user_id for t in tests]))
         hits = {"engine": 0, "cluster popular": 0, "most popular": 0}
         clustered = 0
@@ -240,7 +256,6 @@ def main() -> None:
                 busy = (_cpu_seconds(collector.pid) - cpu_before) / args.seconds
             latency[label] = (quantile(lat, 0.5) * 1000, quantile(lat, 0.99) * 1000, busy)
         collector.stop()
-        worker.stop()
     elapsed = time.monotonic() - started
     report(args, n, clustered, hits, by_archetype, latency, model, elapsed)
 
