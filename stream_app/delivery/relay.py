@@ -161,6 +161,7 @@ class Relay:
         endpoint = target.endpoint
         detail = ""
         for attempt in range(1, endpoint.max_attempts + 1):
+            self.healthy_at = time.time()  # retrying an endpoint that is down is not being stuck
             headers = {
                 "Content-Type": "application/json",
                 "Idempotency-Key": trigger["trigger_id"],
