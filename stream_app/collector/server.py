@@ -237,6 +237,8 @@ class Collector:
 
         async def flush(_app: web.Application) -> None:
             left = await asyncio.to_thread(self.producer.close, self.settings.collector_shutdown_seconds)
+            if self.decisions is not None:
+                await self.decisions.store.close()
             log.info("collector stopped", extra={"undelivered_records": left})
 
         app.on_cleanup.append(flush)
