@@ -106,7 +106,13 @@ def _supports_idempotence(settings: Settings, bootstrap: str) -> bool:
         try:
             await asyncio.wait_for(producer.start(), 20)
             return True
-        except Exception as exc:  # any refusal means: not available here
+        except (TimeoutError, aiokafka.errors.KafkaConnectionError) as exc:
+            # not reachable yet: no answer is not a refusal; Apache Kafka grants producer ids
+            log.info(
+                "idempotence not probed (brokers not reachable yet); assumed", extra={"error": repr(exc)}
+            )
+            return True
+        except Exception as exc:  # the brokers answered, and refused
             log.warning(
                 "the brokers do not grant idempotent producer ids; outputs are sent without "
                 "idempotence (a retried request can write a record twice: consumers dedupe by id)",
