@@ -157,7 +157,7 @@ def engagement_rows(doc: Profile) -> list[tuple[str, str, frozenset[str]]]:
     for fired in (doc.get("engine") or {}).get("fired", []):
         if fired.get("group") != TREATMENT:
             continue
-        seen = log.get(fired["trigger_id"]) or {}
+        seen = log.get(fired.get("trigger_id", "")) or {}
         variant = str(seen.get("variant") or fired.get("variant") or "-")
         rows.append((fired["type"], variant, frozenset(o for o in OUTCOMES if o in seen)))
     return rows
