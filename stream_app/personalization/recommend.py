@@ -138,7 +138,7 @@ def recommend(
         p_pop = popular[item] / n_users
         score = W_NEXT * p_next + W_AFTER * p_after + W_POP * p_pop
         if p_next and W_NEXT * p_next >= W_AFTER * p_after:
-            reason = f"{who} most often adopt it right after {last}"
+            reason = f"{who} often adopt it right after {last}"
         elif p_after:
             reason = f"{who} who use what you use adopt it later"
         else:
