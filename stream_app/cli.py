@@ -150,37 +150,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
     from stream_app.worker.runtime import Stores
 
-    Rows = list[tuple[str, str, bool]]
+    per_profile: Any = {  # the rows the chosen report reads from each profile
+        "lift": outcomes,
+        "engagement": engagement_rows,
+        "experiments": arm_outcomes,
+        "funnel": lambda doc: funnel_rows(doc, args.by),
+    }[args.what]
 
-    async def collect() -> tuple[Rows, list[Any], Rows, list[Any]]:
+    async def collect() -> list[Any]:
         stores = Stores(settings)
-        rows: Rows = []
-        arms: Rows = []
-        reported: list[tuple[str, str, frozenset[str]]] = []
-        steps: list[tuple[str, str, str, str, float | None]] = []
+        rows: list[Any] = []
         try:
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("reading profiles", total=None)
                 async for doc in stores.profiles.documents():
-                    rows.extend(outcomes(doc))
-                    reported.extend(engagement_rows(doc))
-                    arms.extend(arm_outcomes(doc))
-                    steps.extend(funnel_rows(doc, args.by))
+                    rows.extend(per_profile(doc))
                     progress.advance(task)
         finally:
             await stores.close()
-        return rows, reported, arms, steps
+        return rows
 
-    rows, reported, arms, steps = asyncio.run(collect())
+    rows = asyncio.run(collect())
     if args.what == "funnel":
-        return _print_funnel(funnel(steps), args)
+        return _print_funnel(funnel(rows), args)
     if args.what == "experiments":
-        compared = [c for c in experiments(arms, args.min_effect) if args.type in (None, c.trigger_type)]
+        compared = [c for c in experiments(rows, args.min_effect) if args.type in (None, c.trigger_type)]
         return _print_experiments(compared, args)
     if args.what == "engagement":
-        return _print_engagement(
-            [e for e in engagement(reported) if args.type in (None, e.trigger_type)], args
-        )
+        chosen = [e for e in engagement(rows) if args.type in (None, e.trigger_type)]
+        return _print_engagement(chosen, args)
     results = [r for r in lift(rows) if args.type is None or r.trigger_type == args.type]
     if args.json:
         sys.stdout.write(

@@ -164,7 +164,7 @@ class EventProcessor:
         on_erase: EraseHook | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 0,
-        cache_bytes: int = 64 * 1024 * 1024,
+        cache_bytes: int = 32 * 1024 * 1024,
         reactions: Callable[[], ReactionContext] | None = None,
         identity: IdentityRules | None = None,
     ) -> None:

@@ -85,21 +85,18 @@ def outcomes(doc: Profile) -> list[tuple[str, str, bool]]:
     """(trigger type, group, succeeded) for every trigger occurrence decided for this user."""
     if is_tombstone(doc):
         return []
-    engine = doc.get("engine") or {}
     flows: dict[str, Any] = doc.get("onboarding", {})
-    out = []
-    for fired in engine.get("fired", []):
-        at = fired["at"]
-        if fired["type"] == "stalled_step":
-            flow, _, step = fired["subject"].partition("/")
-            done = flows.get(flow, {}).get("completed_steps", {}).get(step)
-            success = done is not None and done["completed_ms"] >= at
-        else:
-            success = any(
-                f.get("status") == "completed" and (f.get("completed_ms") or 0) >= at for f in flows.values()
-            )
-        out.append((fired["type"], fired["group"], success))
-    return out
+    return [(f["type"], f["group"], _succeeded(f, flows)) for f in (doc.get("engine") or {}).get("fired", [])]
+
+
+def _succeeded(fired: dict[str, Any], flows: dict[str, Any]) -> bool:
+    """Did the user do, after the trigger, what it was about?"""
+    at = fired["at"]
+    if fired["type"] == "stalled_step":
+        flow, _, step = fired["subject"].partition("/")
+        done = flows.get(flow, {}).get("completed_steps", {}).get(step)
+        return done is not None and done["completed_ms"] >= at
+    return any(f.get("status") == "completed" and (f.get("completed_ms") or 0) >= at for f in flows.values())
 
 
 def lift(rows: Iterable[tuple[str, str, bool]]) -> list[Lift]:
@@ -185,15 +182,12 @@ def arm_outcomes(doc: Profile) -> list[tuple[str, str, bool]]:
     user: arm = the variant shown, or ``control`` for the held-out group."""
     if is_tombstone(doc):
         return []
-    fired_log = (doc.get("engine") or {}).get("fired", [])
-    variants = {f["trigger_id"]: f.get("variant") for f in fired_log if "trigger_id" in f}
+    flows: dict[str, Any] = doc.get("onboarding", {})
     out = []
-    for (type_, group, success), fired in zip(outcomes(doc), fired_log, strict=True):
-        variant = variants.get(fired.get("trigger_id", ""))
-        if group == CONTROL:
-            out.append((type_, CONTROL, success))
-        elif variant:
-            out.append((type_, str(variant), success))
+    for fired in (doc.get("engine") or {}).get("fired", []):
+        arm = CONTROL if fired["group"] == CONTROL else fired.get("variant")
+        if arm:
+            out.append((fired["type"], str(arm), _succeeded(fired, flows)))
     return out
 
 

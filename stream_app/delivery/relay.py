@@ -141,8 +141,9 @@ class Relay:
         for rec in records:
             try:
                 trigger = orjson.loads(rec.value() or b"")
-                assert isinstance(trigger, dict) and isinstance(trigger.get("trigger_id"), str)
-            except (orjson.JSONDecodeError, AssertionError):
+            except orjson.JSONDecodeError:
+                trigger = None
+            if not isinstance(trigger, dict) or not isinstance(trigger.get("trigger_id"), str):
                 dead.append((rec, "", "bad_record", "not a trigger (JSON object with trigger_id)"))
                 continue
             for target in self.targets:

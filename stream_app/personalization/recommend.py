@@ -62,7 +62,6 @@ class RecoModel:
     popular: dict[str, dict[str, int]]  # group -> item -> users who adopted it
     next: dict[str, Counts]  # group -> item -> the item adopted right after it -> users
     after: dict[str, Counts]  # group -> item -> an item adopted later -> users
-    sweep_version: int = 0  # unused; the model store's snapshots share one shape
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__)

@@ -92,5 +92,4 @@ def test_the_model_holds_no_user_ids() -> None:
     assert not any(u.user_id in raw or u.anonymous_id in raw for u in users)
     assert set(orjson.loads(raw)) == {
         "version", "created_ms", "users", "min_support", "group_users", "popular", "next", "after",
-        "sweep_version",
     }  # fmt: skip
