@@ -204,9 +204,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             return False
         if highwater is None:
             return False
-        position = runtime.batches.next_offsets.get(partition)
-        if position is None:
-            position = await app.consumer.position(tp)
+        position = runtime.batches.position(partition, committed(partition))
         return position is not None and position >= highwater
 
     def committed(partition: int) -> int | None:
@@ -264,7 +262,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             batches = runtime.batches
             # the position: past what was processed; else where the batch in hand (maybe stuck
             # retrying) starts; else the committed offset; an empty partition has no lag at all
-            processed = batches.next_offsets.get(partition, batches.in_hand.get(partition, committed))
+            processed = batches.position(partition, committed)
             if processed is None:
                 if log_end != 0:
                     continue

@@ -115,6 +115,13 @@ class BatchRunner:
         self.retrying_since: float | None = None  # monotonic time its first attempt failed
         self.in_hand: dict[int, int] = {}  # events partition -> first offset of the batch in hand
 
+    def position(self, partition: int, committed: int | None) -> int | None:
+        """The next offset of ``partition`` not yet processed: past the last batch handled, else
+        where the batch in hand (maybe stuck retrying) starts, else the group's committed offset.
+        Never the consumer's fetch position: it runs ahead of processing by what is prefetched,
+        and a backlog buffered but unread is not caught up."""
+        return self.next_offsets.get(partition, self.in_hand.get(partition, committed))
+
     async def handle(self, records: list[Record]) -> BatchOutcome:
         """Process one batch until it took effect (records that fail for good are parked on the
         dead-letter topic). Outages pause here; nothing is acked meanwhile."""

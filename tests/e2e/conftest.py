@@ -175,7 +175,11 @@ def make_deployment(kafka_bootstrap: str, redis_url: str, **extra: str) -> Deplo
     )
     settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
     apply_topics(settings, kafka_bootstrap)
-    producer = Producer(kafka_client_config(settings, kafka_bootstrap) | {"linger.ms": 5})
+    # idempotent, as the collector's: a retried request (the topics are seconds old) keeps its
+    # place in the partition, so the log holds the events in the order they were sent
+    producer = Producer(
+        kafka_client_config(settings, kafka_bootstrap) | {"linger.ms": 5, "enable.idempotence": True}
+    )
     return Deployment(settings, env, producer)
 
 
