@@ -231,6 +231,13 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        self.bandit_counted = Counter(
+            "onboarding_bandit_counted_total",
+            "The bandit's pulls (treated triggers it chose the variant of) and rewards (their "
+            "outcome of the type's reward kind), each counted once per trigger id.",
+            ["type", "variant", "kind"],
+            registry=r,
+        )
         self.triggers_suppressed = Counter(
             "onboarding_triggers_suppressed_total",
             "Would-be triggers not delivered, by reason (holdout ones go to onboarding.triggers.holdout).",

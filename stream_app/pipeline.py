@@ -44,6 +44,7 @@ from stream_app.profile import (
     Bounded,
     Effect,
     EraseRequested,
+    OutcomeNoted,
     Profile,
     ProfileRules,
     StepDuration,
@@ -54,6 +55,7 @@ from stream_app.profile import (
 )
 from stream_app.reactions import Reaction, ReactionContext, react
 from stream_app.store.profiles import Loaded, ProfileStore, Write
+from stream_app.triggers.bandit import ArmEvent, rewards_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ MAX_REDIRECTS = 4
 PUBLISHED_MEMORY = 50_000
 
 StepStatsSink = Callable[[list[StepDuration]], Awaitable[object]]
+ArmSink = Callable[[list[ArmEvent]], Awaitable[object]]  # the bandit's rewards (once per trigger id)
 EraseHook = Callable[[list[str]], Awaitable[None]]
 
 
@@ -122,6 +125,7 @@ class BatchOutcome(Reactions):
     duplicates: int = 0
     profiles: dict[str, Profile] = field(default_factory=dict)  # final documents written
     effects: list[Effect] = field(default_factory=list)
+    rewards: list[ArmEvent] = field(default_factory=list)  # the bandit's, from outcomes first noted
     erased: list[str] = field(default_factory=list)
     linked: list[str] = field(default_factory=list)  # ids linked into another profile by this batch
     deadlines: dict[int, dict[str, int | None]] = field(default_factory=dict)  # partition -> user -> ms
@@ -167,8 +171,10 @@ class EventProcessor:
         cache_bytes: int = 32 * 1024 * 1024,
         reactions: Callable[[], ReactionContext] | None = None,
         identity: IdentityRules | None = None,
+        rewards: ArmSink | None = None,
     ) -> None:
         self.store = store
+        self.rewards = rewards
         self.contract = contract
         self.rules = rules
         self.metrics = metrics
@@ -230,6 +236,8 @@ class EventProcessor:
         if durations and self.step_stats is not None:
             await self.step_stats(durations)
             self.metrics.step_stats_updates.inc(len(durations))
+        if outcome.rewards and self.rewards is not None:
+            await self.rewards(outcome.rewards)
         to_erase = list(dict.fromkeys(e.profile_id for e in outcome.effects if isinstance(e, EraseRequested)))
         if to_erase:
             await self._erase(to_erase, outcome)
@@ -421,6 +429,10 @@ class EventProcessor:
         outcome.applied += len(result.applied_ts)
         outcome.duplicates += result.duplicates
         outcome.effects.extend(_with_groups(result.effects, doc))
+        noted = [(e.trigger_id, e.outcome) for e in result.effects if isinstance(e, OutcomeNoted)]
+        if noted and self.reactions is not None:
+            fired = (doc.get("engine") or {}).get("fired", [])
+            outcome.rewards.extend(rewards_of(fired, noted, self.reactions().triggers))
         outcome.outbox.extend(result.prior.outbox)
         outcome.outbox_keys.extend(result.prior.outbox_keys)
         if written:

@@ -75,7 +75,16 @@ class Bounded:
     what: str  # "flows" | "steps"
 
 
-Effect = StepDuration | EraseRequested | Bounded
+@dataclass(frozen=True, slots=True)
+class OutcomeNoted:
+    """An intervention's outcome (``opened``, ``clicked``, ...) folded in for the first time:
+    a bandit's reward when that trigger was the bandit's choice (counted once per trigger id)."""
+
+    trigger_id: str
+    outcome: str
+
+
+Effect = StepDuration | EraseRequested | Bounded | OutcomeNoted
 
 
 def new_profile(profile_id: str) -> Profile:
@@ -241,11 +250,11 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
     elif name == DELETION_REQUESTED:
         return [EraseRequested(doc["user_id"])]
     elif name in OUTCOME_EVENTS:
-        _note_outcome(doc, OUTCOME_EVENTS[name], props, ts)
+        return _note_outcome(doc, OUTCOME_EVENTS[name], props, ts)
     return []
 
 
-def _note_outcome(doc: Profile, outcome: str, props: dict[str, Any], ts: int) -> None:
+def _note_outcome(doc: Profile, outcome: str, props: dict[str, Any], ts: int) -> list[Effect]:
     """``interventions[trigger_id]``: when each outcome first happened (and the variant shown).
     The earliest time wins, so the fold is the same in any order and under redelivery."""
     log: dict[str, dict[str, Any]] = doc.setdefault("interventions", {})
@@ -256,10 +265,12 @@ def _note_outcome(doc: Profile, outcome: str, props: dict[str, Any], ts: int) ->
             del log[min(log, key=lambda k: (log[k]["first_ms"], k))]
         entry = log[tid] = {"first_ms": ts}
     entry["first_ms"] = min(entry["first_ms"], ts)
+    first = outcome not in entry
     entry[outcome] = min(entry.get(outcome, ts), ts)
     variant = props.get("variant")
     if isinstance(variant, str) and variant:
         _note_variant(entry, variant, ts)
+    return [OutcomeNoted(tid, outcome)] if first else []
 
 
 def _note_variant(entry: dict[str, Any], variant: str, ts: int) -> None:
@@ -306,6 +317,10 @@ def replayed_effects(doc: Profile, event: Event) -> list[Effect]:
             return [StepDuration(flow, step, done["duration_s"], event.message_id)]
     if event.type == "track" and event.name == DELETION_REQUESTED:
         return [EraseRequested(doc["user_id"])]
+    if event.type == "track" and event.name in OUTCOME_EVENTS:  # a reward never counted (a crash)
+        outcome, tid = OUTCOME_EVENTS[event.name], event.properties.get("trigger_id")
+        if outcome in doc.get("interventions", {}).get(tid, {}):
+            return [OutcomeNoted(str(tid), outcome)]
     return []
 
 

@@ -27,6 +27,7 @@ from stream_app.profile import Profile, ProfileRules
 from stream_app.segments.changes import cluster_changes, rule_changes
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import SegmentSet
+from stream_app.triggers.bandit import Arms
 from stream_app.triggers.config import TriggerConfig
 from stream_app.triggers.decide import CONTROL, Baselines, decide, engine_state
 
@@ -41,6 +42,7 @@ class ReactionContext:
     rules: ProfileRules
     baselines: Baselines = field(default_factory=dict)
     assign_cluster: ClusterAssigner | None = None
+    arms: Arms = field(default_factory=dict)  # the bandit's counts (trigger types with policy "bandit")
 
 
 @dataclass(slots=True)
@@ -73,7 +75,9 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
         entered.append(cluster_now["name"])
     state["segments"] = sorted(now_segments)
     state["cluster"] = cluster_now
-    decisions = decide(doc, user_id, now_ms, ctx.triggers, ctx.baselines, now_segments, cluster_now, entered)
+    decisions = decide(
+        doc, user_id, now_ms, ctx.triggers, ctx.baselines, now_segments, cluster_now, entered, ctx.arms
+    )
     outbox = [OutboxMessage(SEGMENTS, user_id, m) for m in messages]
     outbox.extend(
         OutboxMessage(HOLDOUT if t["group"] == CONTROL else TRIGGERS, user_id, t) for t in decisions.triggers

@@ -115,6 +115,11 @@ class Keys:
         """A shared model's keys (``cluster``, ``reco``): one hash tag per model."""
         return f"{self.prefix}:{name}-{kind}:{{{name}-model}}"
 
+    def bandit(self, trigger_type: str, kind: str) -> str:
+        """A trigger type's bandit: ``arms`` (hash ``context|variant|p`` pulls, ``...|r``
+        rewards) and ``counted`` (sorted set of ``p:``/``r:`` trigger ids, by when). One slot."""
+        return f"{self.prefix}:bandit-{kind}:{{bandit-{hash_tag(trigger_type)}}}"
+
     def segment_sizes(self) -> str:
         """Hash ``rule:<name>`` / ``cluster:<id>`` -> members (approximate; see README)."""
         return f"{self.prefix}:segment-sizes"

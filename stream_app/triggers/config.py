@@ -7,10 +7,10 @@ key at fault, so a bad file stops start-up with a message instead of misfiring l
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -56,6 +56,16 @@ class Variant:
     action: Mapping[str, Any] = field(default_factory=dict)
 
 
+def pick_by_weight(point: float, variants: Sequence[Variant]) -> Variant:
+    """The variant at ``point`` in [0, 1) of the variants laid end to end by weight."""
+    point *= sum(v.weight for v in variants)
+    for variant in variants:
+        point -= variant.weight
+        if point < 0:
+            return variant
+    return variants[-1]
+
+
 @dataclass(frozen=True, slots=True)
 class TriggerType:
     name: str
@@ -65,6 +75,11 @@ class TriggerType:
     holdout: float = 0.0
     actions: tuple[ActionRule, ...] = ()
     variants: tuple[Variant, ...] = ()  # an A/B/n test among treated users (none: no test)
+    #: "split": each user's variant by a hash (a fixed-horizon experiment); "bandit": chosen
+    #: per trigger from the outcomes so far, per cluster (:mod:`stream_app.triggers.bandit`)
+    policy: str = "split"
+    exploration: float = 0.1  # bandit: share of triggers whose variant is drawn by weight
+    reward: str = "clicked"  # bandit: the outcome that counts as success
 
     def action_for(self, segments: frozenset[str], cluster_name: str | None) -> ActionRule | None:
         return next((a for a in self.actions if a.matches(segments, cluster_name)), None)
@@ -121,6 +136,15 @@ class _Type(Strict):
     holdout: float = Field(0.0, ge=0, le=1)
     actions: list[_Action] = Field(default_factory=list)
     variants: list[_Variant] = Field(default_factory=list)
+    policy: Literal["split", "bandit"] = "split"
+    exploration: float = Field(0.1, ge=0, le=1)
+    reward: Literal["opened", "clicked"] = "clicked"
+
+    @model_validator(mode="after")
+    def _bandit_needs_arms(self) -> _Type:
+        if self.policy == "bandit" and not self.variants:
+            raise ValueError("policy = 'bandit' chooses among variants: declare at least two")
+        return self
 
     @field_validator("variants")
     @classmethod
@@ -211,6 +235,9 @@ def parse_config(
             table.holdout,
             tuple(ActionRule(dict(a.action), a.segment, a.cluster) for a in table.actions),
             tuple(Variant(v.name, v.weight, dict(v.action)) for v in table.variants),
+            table.policy,
+            table.exploration,
+            table.reward,
         )
     st = parsed.stalled_step or _Stalled()
     stall = StallSettings(

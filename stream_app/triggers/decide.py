@@ -25,7 +25,14 @@ from typing import Any
 
 from stream_app.contract import iso_ms
 from stream_app.profile import Profile
-from stream_app.triggers.config import StallSettings, TriggerConfig, TriggerType, Variant
+from stream_app.triggers.bandit import Arms, choose, context_of
+from stream_app.triggers.config import (
+    StallSettings,
+    TriggerConfig,
+    TriggerType,
+    Variant,
+    pick_by_weight,
+)
 
 DAY_MS = 86_400_000
 MAX_HANDLED = 200
@@ -107,12 +114,7 @@ def assign_variant(user_id: str, type_: str, variants: Sequence[Variant]) -> Var
     if not variants:
         return None
     digest = hashlib.sha256(f"variant\x1f{type_}\x1f{user_id}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(v.weight for v in variants)
-    for variant in variants:
-        point -= variant.weight
-        if point < 0:
-            return variant
-    return variants[-1]
+    return pick_by_weight(int.from_bytes(digest[:8], "big") / 2**64, variants)
 
 
 def engine_state(doc: Profile) -> dict[str, Any]:
@@ -232,8 +234,10 @@ def decide(
     segments: frozenset[str],
     cluster: Mapping[str, Any] | None,
     entered: list[str],
+    arms: Arms | None = None,
 ) -> Decisions:
-    """Decide every undecided occurrence due at ``now_ms``; record the decisions in ``doc``."""
+    """Decide every undecided occurrence due at ``now_ms``; record the decisions in ``doc``.
+    ``arms``: the bandit's counts, for trigger types with ``policy = "bandit"``."""
     out = Decisions()
     state = engine_state(doc)
     handled: dict[str, int] = state["handled"]
@@ -271,9 +275,15 @@ def decide(
             out.suppressed.append((cand.type, "holdout"))
         tid = trigger_id(user_id, cand.type, cand.occurrence)
         variant = assign_variant(user_id, cand.type, ttype.variants)
+        arm: str | None = None  # the bandit's context, for treated triggers it chose for
+        if ttype.policy == "bandit" and ttype.variants and group == TREATMENT:
+            arm = context_of(cluster["id"] if cluster else None)
+            variant = choose(tid, cand.type, arm, ttype.variants, arms or {}, ttype.exploration)
         record = {"trigger_id": tid, "type": cand.type, "subject": cand.subject, "at": now_ms, "group": group}
         if variant is not None:
             record["variant"] = variant.name
+        if arm is not None:
+            record["arm"] = arm
         fired.append(record)
         assert rule is not None
         message = {
@@ -290,6 +300,8 @@ def decide(
         }
         if variant is not None:
             message["variant"] = variant.name
+        if arm is not None:
+            message["policy"] = {"kind": "bandit", "context": arm}
         out.triggers.append(message)
     if len(handled) > MAX_HANDLED:
         for old in sorted(handled, key=handled.__getitem__)[: len(handled) - MAX_HANDLED]:

@@ -1,10 +1,11 @@
 """The shared cluster model as one worker uses it: step baselines, assignment, training, samples.
 
 :class:`Baselines` keeps the per-step statistics the stall thresholds and the cluster
-features need (re-read every BASELINE_REFRESH_SECONDS). :class:`ClusterService` keeps the
-latest published snapshot, assigns users with hysteresis, trains and publishes the next
-snapshot when this worker holds the training lease, and keeps the training sample set
-current. The replay in ``evaluation/quality.py`` runs the same class on in-memory stores.
+features need, and the bandit's arm counts (both re-read every BASELINE_REFRESH_SECONDS).
+:class:`ClusterService` keeps the latest published snapshot, assigns users with hysteresis,
+trains and publishes the next snapshot when this worker holds the training lease, and keeps
+the training sample set current. The replay in ``evaluation/quality.py`` runs the same
+class on in-memory stores.
 """
 
 from __future__ import annotations
@@ -24,22 +25,32 @@ from stream_app.metrics import Metrics
 from stream_app.profile import Profile, StepDuration
 from stream_app.segments.assign import Snapshot, assignment_change, choose_cluster, features
 from stream_app.settings import Settings
+from stream_app.store.bandit import BanditStore
 from stream_app.store.models import ClusterModelStore
 from stream_app.store.step_stats import StepStatsStore
+from stream_app.triggers.bandit import Arms
 from stream_app.triggers.decide import StepBaseline
 
 log = logging.getLogger("stream_app.clusters")
 
 
 class Baselines:
-    """Per-step completion statistics: stall thresholds (by step and group) and step means."""
+    """What decisions learn from everyone: per-step completion statistics (stall thresholds by
+    step and group, step means) and, for trigger types run by a bandit, its arm counts."""
 
     def __init__(
-        self, store: StepStatsStore, refresh_seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        store: StepStatsStore,
+        refresh_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        bandit: BanditStore | None = None,
+        bandit_types: Sequence[str] = (),
     ) -> None:
         self.store, self.refresh_seconds, self.clock = store, refresh_seconds, clock
+        self.bandit, self.bandit_types = bandit, tuple(bandit_types)
         self.by_step: dict[tuple[str, str, str], StepBaseline] = {}  # (flow, step, group)
         self.means: dict[tuple[str, str], float] = {}  # (flow, step) -> mean s, all users
+        self.arms: Arms = {}
         self._read_at = float("-inf")
         self._admitted: set[tuple[str, str, str]] = set()  # new rows since the last refresh
 
@@ -49,6 +60,8 @@ class Baselines:
         stats = await self.store.all()
         self.by_step = {(s.flow, s.step, s.group): StepBaseline(s.mean_s, s.count) for s in stats}
         self.means = {(s.flow, s.step): s.mean_s for s in stats if not s.group}
+        if self.bandit is not None and self.bandit_types:
+            self.arms = await self.bandit.arms(self.bandit_types)
         self._read_at = self.clock()
         self._admitted.clear()
 

@@ -16,6 +16,7 @@ import orjson
 from stream_app.metrics import Metrics
 from stream_app.outbox import HOLDOUT, SEGMENTS, TRIGGERS, Kind, Outbox, OutboxMessage
 from stream_app.pipeline import BatchOutcome, Reactions
+from stream_app.triggers.bandit import ArmEvent, pulls_of
 
 Headers = list[tuple[str, bytes]]
 
@@ -78,8 +79,10 @@ class Publisher:
         outbox: Outbox,
         metrics: Metrics,
         record: Callable[[Mapping[str, str]], Awaitable[None]] | None = None,
+        pulls: Callable[[list[ArmEvent]], Awaitable[object]] | None = None,
     ) -> None:
         self.sinks, self.outbox, self.metrics, self.record = sinks, outbox, metrics, record
+        self.pulls = pulls  # the bandit's pulls: counted once sent (by trigger id: resending is safe)
 
     async def dead_letters(self, outcome: BatchOutcome) -> None:
         """Every invalid record of the batch to the dead-letter topic, delivered before the ack."""
@@ -112,6 +115,10 @@ class Publisher:
 
     async def _deliver(self, outcome: Reactions) -> None:
         await self.send(outcome.outbox)
+        if self.pulls is not None:
+            pulls = pulls_of([m.value for m in outcome.outbox if m.kind == TRIGGERS])
+            if pulls:
+                await self.pulls(pulls)
         self.outbox.mark_published([key for _pid, key in outcome.outbox_keys])  # this process
         if self.record is not None and outcome.outbox_keys:
             await self.record(dict(outcome.outbox_keys))

@@ -29,6 +29,7 @@ from stream_app.pipeline import EventProcessor
 from stream_app.profile import StepDuration
 from stream_app.reactions import ReactionContext
 from stream_app.settings import Settings
+from stream_app.store.bandit import PULL, BanditStore, InMemoryBanditStore, RedisBanditStore
 from stream_app.store.deadlines import DeadlineStore, InMemoryDeadlineStore, RedisDeadlineStore
 from stream_app.store.epochs import EpochStore, InMemoryEpochStore, RedisEpochStore
 from stream_app.store.keys import Keys
@@ -44,6 +45,7 @@ from stream_app.store.profiles import AnyRedis, InMemoryProfileStore, ProfileSto
 from stream_app.store.sizes import InMemorySegmentSizeStore, RedisSegmentSizeStore, SegmentSizeStore
 from stream_app.store.step_stats import InMemoryStepStatsStore, RedisStepStatsStore, StepStatsStore
 from stream_app.topics import TopicSpec, load_topics
+from stream_app.triggers.bandit import ArmEvent
 from stream_app.worker.batches import BatchRunner
 from stream_app.worker.clusters import Baselines, ClusterService
 from stream_app.worker.epochs import Committed, EpochGuard, _never_committed
@@ -80,7 +82,9 @@ class Stores:
         self.reco: ModelStore[RecoModel]
         self.sizes: SegmentSizeStore
         self.epochs: EpochStore
+        self.bandit: BanditStore
         if in_memory:
+            self.bandit = InMemoryBanditStore()
             self.profiles, self.step_stats = InMemoryProfileStore(), InMemoryStepStatsStore()
             self.deadlines, self.models = InMemoryDeadlineStore(), InMemoryClusterModelStore()
             self.reco = InMemoryModelStore()
@@ -95,6 +99,7 @@ class Stores:
             client, self.keys, settings.profile_ttl_seconds, settings.dedup_window_seconds
         )
         self.step_stats = RedisStepStatsStore(client, self.keys, settings.dedup_window_seconds)
+        self.bandit = RedisBanditStore(client, self.keys, settings.dedup_window_seconds)
         self.deadlines = RedisDeadlineStore(client, self.keys, events_topic)
         self.models = RedisClusterModelStore(client, self.keys)
         self.reco = RedisModelStore(client, self.keys, "reco", RecoModel.from_json)
@@ -139,7 +144,10 @@ class Runtime:
         self.segments = segment_set(settings)
         self.triggers = trigger_config(settings)
         self.profile_rules = profile_rules(settings)
-        self.baselines = Baselines(s.step_stats, settings.baseline_refresh_seconds)
+        bandit_types = [t.name for t in self.triggers.types.values() if t.enabled and t.policy == "bandit"]
+        self.baselines = Baselines(
+            s.step_stats, settings.baseline_refresh_seconds, bandit=s.bandit, bandit_types=bandit_types
+        )
         self.clusters = ClusterService(
             settings,
             s.models,
@@ -166,8 +174,11 @@ class Runtime:
             on_erase=self._forget,
             reactions=self.reaction_context,
             identity=identity_rules(settings),
+            rewards=self._count_rewards,
         )
-        self.publisher = Publisher(sinks, self.processor.outbox, self.metrics, s.profiles.mark_published)
+        self.publisher = Publisher(
+            sinks, self.processor.outbox, self.metrics, s.profiles.mark_published, pulls=self._count_pulls
+        )
         # One batch or one timer pass at a time: both write profiles and the deadline index.
         self.lock = asyncio.Lock()
         self.watermarks = Watermarks(s.deadlines, self.triggers.allowed_lateness_ms, caught_up)
@@ -194,10 +205,25 @@ class Runtime:
             self.metrics.input_bounded.labels("step_stats_rows").inc(refused)
         return await self.stores.step_stats.add(allowed) if allowed else 0
 
+    async def _count_pulls(self, pulls: list[ArmEvent]) -> None:
+        self._counted(await self.stores.bandit.add(pulls, ()))
+
+    async def _count_rewards(self, rewards: list[ArmEvent]) -> None:
+        self._counted(await self.stores.bandit.add((), rewards))
+
+    def _counted(self, new: list[tuple[str, ArmEvent]]) -> None:
+        for kind, e in new:
+            self.metrics.bandit_counted.labels(e.type, e.variant, "pull" if kind == PULL else "reward").inc()
+
     def reaction_context(self) -> ReactionContext:
         assign = self.clusters.assign if self.settings.cluster_enabled else None
         return ReactionContext(
-            self.segments, self.triggers, self.profile_rules, self.baselines.by_step, assign
+            self.segments,
+            self.triggers,
+            self.profile_rules,
+            self.baselines.by_step,
+            assign,
+            self.baselines.arms,
         )
 
     async def _forget(self, profile_ids: list[str]) -> None:

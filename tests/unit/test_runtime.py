@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
+from stream_app.contract import iso_ms
 from stream_app.errors import ConfigError
+from stream_app.pipeline import Record
 from stream_app.profile import new_profile
 from stream_app.settings import Settings
 from stream_app.store.profiles import Write
-from stream_app.worker.publisher import Sinks
+from stream_app.triggers.bandit import ArmStats
+from stream_app.worker.publisher import MemorySink, Sinks
 from stream_app.worker.runtime import Runtime, Stores
 
 
@@ -39,3 +43,55 @@ def test_a_broken_segments_file_stops_start_up_naming_it(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         Runtime(Settings(segments_file=bad), Sinks.in_memory(), Stores(Settings(), in_memory=True))
     assert info.value.setting == "SEGMENTS_FILE" and "segment 'x'" in str(info.value)
+
+
+BANDIT_TRIGGERS = """
+[onboarding_completed]
+holdout = 0.0
+policy = "bandit"
+[[onboarding_completed.actions]]
+action = { kind = "email" }
+[[onboarding_completed.variants]]
+name = "plain"
+[[onboarding_completed.variants]]
+name = "fancy"
+"""
+
+
+def _record(offset: int, event: dict[str, object]) -> Record:
+    body = {"type": "track", "userId": "u1", "timestamp": iso_ms(int(time.time() * 1000)), **event}
+    return Record(orjson.dumps(body), b"u1", "events", 0, offset, int(time.time() * 1000))
+
+
+async def test_a_bandit_counts_the_trigger_it_sent_and_the_click_reported_back_once(tmp_path: Path) -> None:
+    """A trigger the bandit chose is a pull once sent; the click naming its trigger id is a
+    reward; redelivering either (same message ids) counts nothing twice."""
+    path = tmp_path / "triggers.toml"
+    path.write_text(BANDIT_TRIGGERS)
+    settings = Settings(triggers_file=path)
+    sinks, stores = Sinks.in_memory(), Stores(settings, in_memory=True)
+    runtime = Runtime(settings, sinks, stores)
+    done = _record(0, {"messageId": "c1", "event": "Onboarding Completed", "properties": {"flow": "signup"}})
+    await runtime.batches.handle([done])
+    await runtime.batches.handle([done])  # redelivered
+    assert isinstance(sinks.triggers, MemorySink)
+    (trigger,) = {t["trigger_id"]: t for t in sinks.triggers.values}.values()
+    assert trigger["policy"] == {"kind": "bandit", "context": "all"} and trigger["variant"] in (
+        "plain",
+        "fancy",
+    )
+    arm = ("onboarding_completed", "all", trigger["variant"])
+    assert await stores.bandit.arms(["onboarding_completed"]) == {arm: ArmStats(1, 0)}
+    props = {"trigger_id": trigger["trigger_id"], "variant": trigger["variant"]}
+    opened = _record(1, {"messageId": "o1", "event": "Intervention Opened", "properties": props})
+    clicked = _record(2, {"messageId": "k1", "event": "Intervention Clicked", "properties": props})
+    again = _record(
+        3, {"messageId": "k2", "event": "Intervention Clicked", "properties": props}
+    )  # a 2nd click
+    await runtime.batches.handle([opened, clicked])
+    await runtime.batches.handle([clicked, again])
+    assert await stores.bandit.arms(["onboarding_completed"]) == {arm: ArmStats(1, 1)}
+    await runtime.baselines.refresh(force=True)
+    assert runtime.reaction_context().arms == {arm: ArmStats(1, 1)}  # what the next decisions read
+    counted = runtime.metrics.bandit_counted
+    assert counted.labels("onboarding_completed", trigger["variant"], "reward")._value.get() == 1

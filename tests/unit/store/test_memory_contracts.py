@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import pytest
 
+from stream_app.store.bandit import InMemoryBanditStore
 from stream_app.store.deadlines import InMemoryDeadlineStore
 from stream_app.store.models import InMemoryClusterModelStore
 from stream_app.store.profiles import InMemoryProfileStore
 from stream_app.store.step_stats import InMemoryStepStatsStore
+from tests.integration.store import (
+    test_bandit_store_contract as bandit_contract,
+)
 from tests.integration.store import (
     test_cluster_model_store_contract as models_contract,
 )
@@ -26,6 +30,7 @@ from tests.integration.store import (
 )
 
 IMPLEMENTATIONS = {
+    bandit_contract: InMemoryBanditStore,
     models_contract: InMemoryClusterModelStore,
     deadlines_contract: InMemoryDeadlineStore,
     profiles_contract: InMemoryProfileStore,

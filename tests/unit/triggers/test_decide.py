@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from stream_app.paths import CONFIG_DIR
 from stream_app.profile import Profile, new_profile
+from stream_app.triggers.bandit import ArmStats
 from stream_app.triggers.config import StallSettings, TriggerConfigError, load_triggers, parse_config
 from stream_app.triggers.decide import (
     CONTROL,
@@ -270,3 +271,25 @@ def test_a_bad_experiment_names_its_table(variants: list[Any], words: str) -> No
     with pytest.raises(TriggerConfigError) as err:
         config(stalled_step={"variants": variants})
     assert "stalled_step" in str(err.value) and words in str(err.value)
+
+
+def test_under_a_bandit_treated_triggers_get_its_choice_and_control_ones_stay_out() -> None:
+    cfg = config(stalled_step={"variants": VARIANTS, "policy": "bandit", "exploration": 0.0})
+    arms = {
+        ("stalled_step", "cluster:7", "tutorial"): ArmStats(100, 2),
+        ("stalled_step", "cluster:7", "checklist"): ArmStats(100, 60),
+    }
+    doc = stuck_at()
+    (message,) = run(doc, 121, cfg, cluster={"id": "7", "name": "seven"}, arms=arms).triggers
+    assert message["variant"] == "checklist" and message["action"]["kind"] == "checklist_nudge"
+    assert message["policy"] == {"kind": "bandit", "context": "cluster:7"}
+    assert doc["engine"]["fired"][0]["arm"] == "cluster:7"
+    held = config(stalled_step={"variants": VARIANTS, "policy": "bandit", "holdout": 1.0})
+    (control,) = run(stuck_at(), 121, held, arms=arms).triggers
+    assert control["group"] == CONTROL and "policy" not in control
+
+
+def test_a_bandit_without_variants_names_its_table() -> None:
+    with pytest.raises(TriggerConfigError) as err:
+        config(stalled_step={"policy": "bandit"})
+    assert "stalled_step" in str(err.value) and "variants" in str(err.value)
