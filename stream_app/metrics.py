@@ -33,6 +33,10 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+STEP_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86_400)
+#: distinct (flow, step) label pairs the live funnel keeps per process; later ones count as
+#: flow="other", step="other" (flows and steps are the senders' strings: never unbounded labels)
+FUNNEL_MAX_STEPS = 200
 
 
 class Metrics:
@@ -258,11 +262,41 @@ class Metrics:
         self.deadlines_fired = Counter(
             "onboarding_deadlines_fired_total", "Due deadlines looked at by the timer.", registry=r
         )
+        self.funnel_steps = Counter(
+            "onboarding_funnel_steps_total",
+            "The live funnel: users who started a step (it became their current step), completed "
+            "it, or dropped at it (a stall decided for the step, or the flow abandoned on it), "
+            "counted in each of their groups: all, segment:<rule segment>, cluster:<name>.",
+            ["flow", "step", "stage", "group"],
+            registry=r,
+        )
+        self.funnel_step_seconds = Histogram(
+            "onboarding_funnel_step_duration_seconds",
+            "Time from a step's start to its completion (client clock), per group as above.",
+            ["flow", "step", "group"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self._funnel_steps: set[tuple[str, str]] = set()
         self.watermark_lag = Gauge(
             "onboarding_watermark_lag_seconds",
             "Wall clock minus the event-time watermark, worst owned partition.",
             registry=r,
         )
+
+    def count_funnel(
+        self, flow: str, step: str, stage: str, groups: tuple[str, ...], took: float | None
+    ) -> None:
+        """One user's step started / completed / dropped, in each of their groups."""
+        if (flow, step) not in self._funnel_steps:
+            if len(self._funnel_steps) >= FUNNEL_MAX_STEPS:
+                flow, step = "other", "other"
+            else:
+                self._funnel_steps.add((flow, step))
+        for group in groups:
+            self.funnel_steps.labels(flow, step, stage, group).inc()
+            if took is not None:
+                self.funnel_step_seconds.labels(flow, step, group).observe(took)
 
     def store_error(self, exc: BaseException) -> None:
         """Count a failed attempt, labelled with the store it came from and the error class."""

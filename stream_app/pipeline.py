@@ -48,12 +48,13 @@ from stream_app.profile import (
     Profile,
     ProfileRules,
     StepDuration,
+    StepProgress,
     apply_event,
     is_tombstone,
     new_profile,
     replayed_effects,
 )
-from stream_app.reactions import Reaction, ReactionContext, react
+from stream_app.reactions import Reaction, ReactionContext, funnel_groups, react
 from stream_app.store.profiles import Loaded, ProfileStore, Write
 from stream_app.triggers.bandit import ArmEvent, rewards_of
 
@@ -63,6 +64,7 @@ MAX_REDIRECTS = 4
 PUBLISHED_MEMORY = 50_000
 
 StepStatsSink = Callable[[list[StepDuration]], Awaitable[object]]
+FunnelCount = tuple[str, str, str, tuple[str, ...], float | None]
 ArmSink = Callable[[list[ArmEvent]], Awaitable[object]]  # the bandit's rewards (once per trigger id)
 EraseHook = Callable[[list[str]], Awaitable[None]]
 
@@ -89,6 +91,8 @@ class Reactions:
     suppressed: list[tuple[str, str]] = field(default_factory=list)  # (trigger type, reason)
     cluster_moves: int = 0
     size_deltas: dict[str, int] = field(default_factory=dict)  # "rule:<segment>" / "cluster:<name>" -> +-n
+    #: the live funnel: (flow, step, stage, the user's groups, seconds for a timed completion)
+    funnel: list[FunnelCount] = field(default_factory=list)
 
     def queue(self, pid: str, unpublished: list[OutboxMessage], key: str | None) -> None:
         """A stored outbox not known to be published: send it again (same ids)."""
@@ -105,6 +109,9 @@ class Reactions:
         if key is not None and reaction.outbox:
             self.outbox_keys.append((str(doc["user_id"]), key))
         self.suppressed.extend(reaction.suppressed)
+        if reaction.dropped:
+            groups = funnel_groups(doc)
+            self.funnel.extend((flow, step, "dropped", groups, None) for flow, step in reaction.dropped)
         for message in reaction.outbox:
             if "change" in message.value:
                 self.count_change(message.value)
@@ -429,6 +436,7 @@ class EventProcessor:
         outcome.applied += len(result.applied_ts)
         outcome.duplicates += result.duplicates
         outcome.effects.extend(_with_groups(result.effects, doc))
+        outcome.funnel.extend(_funnel(result.effects, doc))
         noted = [(e.trigger_id, e.outcome) for e in result.effects if isinstance(e, OutcomeNoted)]
         if noted and self.reactions is not None:
             fired = (doc.get("engine") or {}).get("fired", [])
@@ -494,6 +502,17 @@ def _merge_source(ev: Event) -> str | None:
     if ev.type == "identify" and ev.user_id and ev.anonymous_id and ev.anonymous_id != ev.user_id:
         return ev.anonymous_id
     return None
+
+
+def _funnel(effects: list[Effect], doc: Profile) -> list[FunnelCount]:
+    """Steps started and completed by this write, with their groups (and a timed completion's
+    duration): the live funnel's counts."""
+    progress = [e for e in effects if isinstance(e, StepProgress)]
+    if not progress:
+        return []
+    groups = funnel_groups(doc)
+    took = {(e.flow, e.step): e.duration_s for e in effects if isinstance(e, StepDuration) and not e.group}
+    return [(e.flow, e.step, e.stage, groups, took.get((e.flow, e.step))) for e in progress]
 
 
 def _with_groups(effects: list[Effect], doc: Profile) -> list[Effect]:

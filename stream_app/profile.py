@@ -76,6 +76,16 @@ class Bounded:
 
 
 @dataclass(frozen=True, slots=True)
+class StepProgress:
+    """A step started (it became the user's current step) or completed for the first time:
+    the live funnel's counts (metrics only; stalls and abandonment come from decisions)."""
+
+    flow: str
+    step: str
+    stage: str  # "started" | "completed"
+
+
+@dataclass(frozen=True, slots=True)
 class OutcomeNoted:
     """An intervention's outcome (``opened``, ``clicked``, ...) folded in for the first time:
     a bandit's reward when that trigger was the bandit's choice (counted once per trigger id)."""
@@ -84,7 +94,7 @@ class OutcomeNoted:
     outcome: str
 
 
-Effect = StepDuration | EraseRequested | Bounded | OutcomeNoted
+Effect = StepDuration | EraseRequested | Bounded | OutcomeNoted | StepProgress
 
 
 def new_profile(profile_id: str) -> Profile:
@@ -231,8 +241,11 @@ def _apply_track(doc: Profile, event: Event) -> list[Effect]:
             return [Bounded("steps")]
         current_started = state["current_step_started_ms"]
         if step not in state["completed_steps"] and (current_started is None or ts >= current_started):
+            moved = state["current_step"] != step
             state["current_step"] = step
             state["current_step_started_ms"] = ts
+            if moved:
+                return [StepProgress(props["flow"], step, "started")]
     elif name == STEP_COMPLETED:
         return _complete_step(doc, event)
     elif name == ONBOARDING_COMPLETED:
@@ -298,9 +311,10 @@ def _complete_step(doc: Profile, event: Event) -> list[Effect]:
         "duration_s": duration_s,
         "message_id": event.message_id,
     }
+    done = StepProgress(flow, step, "completed")
     if duration_s is None:
-        return []
-    return [StepDuration(flow, step, duration_s, event.message_id)]
+        return [done]
+    return [done, StepDuration(flow, step, duration_s, event.message_id)]
 
 
 def replayed_effects(doc: Profile, event: Event) -> list[Effect]:

@@ -51,6 +51,18 @@ class Reaction:
     suppressed: list[tuple[str, str]]
     deadline_ms: int | None
     changed: bool  # the document's engine state changed: it must be written
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (flow, step): the live funnel
+
+
+def funnel_groups(doc: Profile) -> tuple[str, ...]:
+    """The groups a user counts in for the live funnel: ``all``, ``segment:<name>`` for each
+    rule segment they are in, ``cluster:<name>`` (as of the last reaction)."""
+    engine = doc.get("engine") or {}
+    groups = ["all", *(f"segment:{s}" for s in engine.get("segments") or [])]
+    cluster = engine.get("cluster")
+    if cluster:
+        groups.append(f"cluster:{cluster['name']}")
+    return tuple(groups)
 
 
 def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reaction:
@@ -89,4 +101,5 @@ def react(doc: Profile, user_id: str, now_ms: int, ctx: ReactionContext) -> Reac
             deadlines.append(flip)
     changed = bool(messages) or decisions.changed
     store_outbox(doc, outbox)
-    return Reaction(outbox, decisions.suppressed, min(deadlines) if deadlines else None, changed)
+    deadline = min(deadlines) if deadlines else None
+    return Reaction(outbox, decisions.suppressed, deadline, changed, decisions.dropped)

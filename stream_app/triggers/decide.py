@@ -73,6 +73,9 @@ class Candidate:
 class Decisions:
     triggers: list[dict[str, Any]] = field(default_factory=list)  # messages, group in each
     suppressed: list[tuple[str, str]] = field(default_factory=list)  # (type, reason)
+    #: (flow, step) the user dropped at: a stall decided for the step, or the flow abandoned
+    #: on a step not stalled before (whatever the gates decided about the trigger)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
     deadline_ms: int | None = None
     changed: bool = False
 
@@ -115,6 +118,18 @@ def assign_variant(user_id: str, type_: str, variants: Sequence[Variant]) -> Var
         return None
     digest = hashlib.sha256(f"variant\x1f{type_}\x1f{user_id}".encode()).digest()
     return pick_by_weight(int.from_bytes(digest[:8], "big") / 2**64, variants)
+
+
+def _dropped(cand: Candidate, handled: Mapping[str, int]) -> list[tuple[str, str]]:
+    """Where an occurrence just decided says the user dropped (the live funnel's count)."""
+    if cand.type == "stalled_step":
+        flow, _, step = cand.subject.partition("/")
+        return [(flow, step)]
+    if cand.type == "onboarding_abandoned":
+        step = cand.evidence().get("current_step") or "-"
+        stalled = f"stalled_step|{cand.subject}/{step}@"  # a stall on this step was counted
+        return [] if any(key.startswith(stalled) for key in handled) else [(cand.subject, step)]
+    return []
 
 
 def engine_state(doc: Profile) -> dict[str, Any]:
@@ -267,6 +282,7 @@ def decide(
             reason = _gate(fired, ttype, cand, now_ms, config.cap_per_day)
         handled[key] = now_ms
         out.changed = True
+        out.dropped.extend(_dropped(cand, handled))
         if reason:
             out.suppressed.append((cand.type, reason))
             continue

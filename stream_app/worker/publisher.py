@@ -137,6 +137,8 @@ class Publisher:
                 m.timer_lag.observe(max(0.0, now - due))
         for type_, reason in outcome.suppressed:
             m.triggers_suppressed.labels(type_, reason).inc()
+        for flow, step, stage, groups, took in outcome.funnel:
+            m.count_funnel(flow, step, stage, groups, took)
         m.cluster_reassignments.inc(outcome.cluster_moves)
 
     async def send(self, messages: Sequence[OutboxMessage]) -> None:

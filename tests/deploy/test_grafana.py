@@ -51,13 +51,68 @@ def errors(schema: dict[str, Any], doc: Any) -> list[str]:
     ]
 
 
-def dashboard() -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((GRAFANA / "dashboards" / "onboarding.json").read_text())
+DASHBOARDS = ("onboarding.json", "product.json")  # the SRE view, the product view
+
+
+def dashboard(name: str = "onboarding.json") -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((GRAFANA / "dashboards" / name).read_text())
     return doc
 
 
-def test_the_dashboard_is_a_valid_grafana_dashboard(dashboard_schema: dict[str, Any]) -> None:
-    assert errors(dashboard_schema, dashboard()) == []
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_the_dashboard_is_a_valid_grafana_dashboard(dashboard_schema: dict[str, Any], name: str) -> None:
+    assert errors(dashboard_schema, dashboard(name)) == []
+
+
+def grid_and_units(doc: dict[str, Any]) -> None:
+    """Unique ids, the provisioned data source and a unit on every panel, no overlaps."""
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in (p for p in doc["panels"] if p["type"] != "row"):
+        assert panel["datasource"]["uid"] == "prometheus"
+        assert panel["fieldConfig"]["defaults"]["unit"]
+    cells: set[tuple[int, int]] = set()
+    for panel in doc["panels"]:
+        g = panel["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert g["x"] + g["w"] <= 24 and not (mine & cells), panel["title"]
+        cells |= mine
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_every_query_is_promql_that_prometheus_parses(name: str, tmp_path: Path) -> None:
+    """promtool parses each expression (as a recording rule), Grafana's variables filled in."""
+    promtool = require_tool("promtool", "Debian package prometheus; .ci/deps installs it")
+    doc = dashboard(name)
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    fill = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*", "$flow": ".*", "$group": "all"}
+    rules = []
+    for i, expr in enumerate(exprs):
+        for var, value in fill.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, expr
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    check = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{len(exprs)} rules found" in check.stdout
+
+
+def test_the_product_dashboard_answers_where_each_group_drops_off() -> None:
+    doc = dashboard("product.json")
+    grid_and_units(doc)
+    variables = {v["name"]: v["query"] for v in doc["templating"]["list"]}
+    assert "onboarding_funnel_steps_total" in variables["group"] and "group)" in variables["group"]
+    by_title = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in doc["panels"]}
+    funnel = by_title["Users per step: started, completed, dropped"]
+    assert all(f'stage="{s}"' in funnel for s in ("started", "completed", "dropped")) and "$group" in funnel
+    drop_off = by_title["Where each cluster drops off (dropped / started, per step)"]
+    assert 'group=~"cluster:.*"' in drop_off and "by (group, step)" in drop_off
+    assert "onboarding_funnel_step_duration_seconds_bucket" in by_title["Median time to complete each step"]
+    assert "onboarding_bandit_counted_total" in by_title["Bandit: success rate by variant"]
 
 
 def test_the_schema_rejects_a_broken_dashboard(dashboard_schema: dict[str, Any]) -> None:
@@ -85,18 +140,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
         "onboarding_redis_seconds_bucket",  # Redis latency
     ):
         assert metric in exprs, metric
-    ids = [p["id"] for p in doc["panels"]]
-    assert len(ids) == len(set(ids))
-    for panel in panels:  # every query on the provisioned data source, a unit on every axis
-        assert panel["datasource"]["uid"] == "prometheus"
-        assert panel["fieldConfig"]["defaults"]["unit"]
-    # no two panels overlap on the 24-column grid
-    cells: set[tuple[int, int]] = set()
-    for panel in doc["panels"]:
-        g = panel["gridPos"]
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
-        assert g["x"] + g["w"] <= 24 and not (mine & cells), panel["title"]
-        cells |= mine
+    grid_and_units(doc)
 
 
 DATASOURCES = {

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "onboarding.json"
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 
 
 def exposed(text: str) -> set[str]:
@@ -59,10 +59,13 @@ def rule_exprs() -> list[str]:
 
 
 def dashboard_exprs() -> list[str]:
-    doc = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in doc["panels"] for t in p.get("targets", [])] + [
-        v["query"] for v in doc["templating"]["list"]
-    ]
+    """Every query of every dashboard (the SRE one and the product one)."""
+    exprs: list[str] = []
+    for path in DASHBOARDS:
+        doc = json.loads(path.read_text())
+        exprs += [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+        exprs += [v["query"] for v in doc["templating"]["list"]]
+    return exprs
 
 
 def scrape(handle: WorkerHandle | CollectorHandle) -> str:

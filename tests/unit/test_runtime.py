@@ -95,3 +95,30 @@ async def test_a_bandit_counts_the_trigger_it_sent_and_the_click_reported_back_o
     assert runtime.reaction_context().arms == {arm: ArmStats(1, 1)}  # what the next decisions read
     counted = runtime.metrics.bandit_counted
     assert counted.labels("onboarding_completed", trigger["variant"], "reward")._value.get() == 1
+
+
+async def test_the_live_funnel_counts_starts_completions_and_times_per_group() -> None:
+    settings = Settings()
+    runtime = Runtime(settings, Sinks.in_memory(), Stores(settings, in_memory=True))
+    now = int(time.time() * 1000)
+
+    def step(user: str, mid: str, name: str, at: int) -> Record:
+        body = {"type": "track", "userId": user, "messageId": mid, "timestamp": iso_ms(at), "event": name,
+                "properties": {"flow": "signup", "step": "profile"}}  # fmt: skip
+        return Record(orjson.dumps(body), user.encode(), "events", 0, 0, now)
+
+    started = [
+        step("u1", "s1", "Onboarding Step Started", now - 90_000),
+        step("u2", "s2", "Onboarding Step Started", now),
+    ]
+    await runtime.batches.handle(started)
+    await runtime.batches.handle(started)  # redelivered: counted once
+    await runtime.batches.handle([step("u1", "c1", "Onboarding Step Completed", now - 30_000)])
+    funnel = runtime.metrics.funnel_steps
+    assert funnel.labels("signup", "profile", "started", "all")._value.get() == 2
+    assert funnel.labels("signup", "profile", "completed", "all")._value.get() == 1
+    seconds = runtime.metrics.funnel_step_seconds.labels("signup", "profile", "all")
+    assert seconds._sum.get() == 60.0  # one completion, 60 s after its start
+    groups = {s.labels["group"] for m in runtime.metrics.registry.collect() for s in m.samples
+              if s.name == "onboarding_funnel_steps_total"}  # fmt: skip
+    assert "all" in groups and all(g == "all" or g.startswith(("segment:", "cluster:")) for g in groups)

@@ -293,3 +293,14 @@ def test_a_bandit_without_variants_names_its_table() -> None:
     with pytest.raises(TriggerConfigError) as err:
         config(stalled_step={"policy": "bandit"})
     assert "stalled_step" in str(err.value) and "variants" in str(err.value)
+
+
+def test_the_live_funnel_counts_a_drop_once_per_step_whatever_the_gates() -> None:
+    doc = stuck_at()  # threshold 120 s; abandonment after 3600 s of silence
+    assert run(doc, 121).dropped == [("signup", "profile")]
+    assert run(doc, 3601).dropped == []  # abandoned on the step that already counted as a stall
+    quiet = stuck_at(consent=False)  # no trigger for them, but they did drop
+    assert run(quiet, 121).dropped == [("signup", "profile")]
+    between = stuck_at()
+    between["onboarding"]["signup"]["current_step"] = None
+    assert run(between, 3601).dropped == [("signup", "-")]  # abandoned between two steps
