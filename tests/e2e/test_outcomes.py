@@ -4,6 +4,7 @@ collector) say what happened to a trigger; redelivered and repeated reports coun
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,8 +13,12 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as redis
 
 from stream_app.contract import iso_ms
+from stream_app.store.bandit import RedisBanditStore
+from stream_app.store.keys import Keys
+from stream_app.triggers.bandit import ArmStats
 
 from .conftest import CollectorHandle, Deployment, wait_until
 from .test_collector import basic
@@ -89,3 +94,73 @@ def test_reported_outcomes_count_once_per_trigger_through_kafka_and_the_collecto
     )
     assert (plain["triggers"], plain["delivered"], plain["opened"], plain["dismissed"]) == (1, 1, 0, 1)
     assert shown_b["opened_rate"] == 1.0 and plain["dismissed_rate"] == 1.0
+
+
+BANDIT = """
+[onboarding_completed]
+holdout = 0.0
+policy = "bandit"
+[[onboarding_completed.actions]]
+action = { kind = "email" }
+[[onboarding_completed.variants]]
+name = "plain"
+[[onboarding_completed.variants]]
+name = "fancy"
+"""
+
+
+def test_a_bandit_counts_each_trigger_and_each_click_once_across_a_crash(
+    deployment: Deployment, worker_factory: Any, tmp_path: Any
+) -> None:
+    """Pulls and rewards in Redis are exact: a click reported twice, a record sent twice, and a
+    SIGKILL right after the clicks were counted (the restarted worker reads again what was not
+    committed yet, and the outbox of any profile not marked published is sent again)."""
+    config = tmp_path / "triggers.toml"
+    config.write_text(BANDIT)
+    deployment.env.update(TRIGGERS_FILE=str(config), BASELINE_REFRESH_SECONDS="0.2")
+    first = worker_factory().start()
+    now = int(time.time() * 1000)
+
+    def track(uid: str, name: str, mid: str, **props: str) -> dict[str, Any]:
+        return {"type": "track", "messageId": mid, "userId": uid, "timestamp": iso_ms(now),
+                "event": name, "properties": props}  # fmt: skip
+
+    users = [f"bd-{i}" for i in range(6)]
+    deployment.send([track(u, "Onboarding Completed", f"{u}-done", flow="signup") for u in users])
+    topic = deployment.settings.topic_triggers
+    wait_until(lambda: len(read_topic(deployment, topic, idle_s=0.5)) >= 6, 60, "six triggers", first.tail)
+    triggers = {t["user_id"]: t for t in read_topic(deployment, topic)}
+    assert all(t["policy"] == {"kind": "bandit", "context": "all"} for t in triggers.values())
+    clicked = users[:3]
+    clicks = [
+        track(u, "Intervention Clicked", f"{u}-click-{n}", trigger_id=triggers[u]["trigger_id"],
+              variant=triggers[u]["variant"])
+        for u in clicked for n in (1, 2)
+    ]  # fmt: skip
+    deployment.send(clicks + clicks[:2])  # two clicks each, and a record sent twice
+    expect: dict[tuple[str, str, str], ArmStats] = {}
+    for u, t in triggers.items():
+        key = ("onboarding_completed", "all", t["variant"])
+        was = expect.get(key, ArmStats())
+        expect[key] = ArmStats(was.pulls + 1, was.rewards + (u in clicked))
+
+    def arms() -> dict[tuple[str, str, str], ArmStats]:
+        """The counts in Redis, as the workers read them."""
+
+        async def read() -> dict[tuple[str, str, str], ArmStats]:
+            client = redis.Redis.from_url(deployment.settings.redis_url)
+            try:
+                store = RedisBanditStore(client, Keys(deployment.settings.redis_key_prefix), 3600)
+                return await store.arms(["onboarding_completed"])
+            finally:
+                await client.aclose()
+
+        return asyncio.run(read())
+
+    wait_until(lambda: sum(a.rewards for a in arms().values()) >= 3, 60, "the rewards", first.tail)
+    first.kill()
+    second = worker_factory().start()
+    wait_until(lambda: arms() == expect, 30, f"the counts {expect}", lambda: f"{arms()}\n{second.tail()}")
+    time.sleep(3)  # the restarted worker has read everything again meanwhile: nothing more counted
+    assert arms() == expect
+    assert second.metric("onboarding_events_applied_total") == 0  # all were applied before the crash
