@@ -134,6 +134,8 @@ def _store_settings() -> Settings:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     settings = _store_settings()
+    if args.what == "bandit":
+        return _report_bandit(settings, args)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -216,6 +218,49 @@ def _cmd_report(args: argparse.Namespace) -> int:
     Console().print(table)
     if not results:
         print("no trigger decisions recorded yet", file=sys.stderr)
+    return 0
+
+
+def _report_bandit(settings: Settings, args: argparse.Namespace) -> int:
+    """The bandit's arms as stored in Redis (no profile scan), per type, context and variant."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stream_app.configure import trigger_config
+    from stream_app.report import bandit_arms
+    from stream_app.worker.runtime import Stores
+
+    config = trigger_config(settings)
+    types = [t.name for t in config.types.values() if t.policy == "bandit" and args.type in (None, t.name)]
+
+    async def read() -> Any:
+        stores = Stores(settings)
+        try:
+            return await stores.bandit.arms(types)
+        finally:
+            await stores.close()
+
+    rows = bandit_arms(asyncio.run(read()) if types else {}, config)
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps([r.as_dict() for r in rows], option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
+        return 0
+    title = "Bandit arms: pulls (treated triggers sent), rewards (reported back), rate with 95% CI, share now"
+    table = Table(title=title)
+    for column in ("trigger", "context", "variant", "pulls", "rewards", "rate", "share now"):
+        table.add_column(column, justify="left" if column in ("trigger", "context", "variant") else "right")
+    for r in rows:
+        low, high = r.result.wilson()
+        rate = f"{100 * r.result.rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" if r.result.n else "-"
+        table.add_row(r.trigger_type, r.context, r.variant, str(r.result.n), str(r.result.successes), rate,
+                      f"{100 * r.share_now:.0f}%")  # fmt: skip
+    Console().print(table)
+    if not rows:
+        print(
+            'no trigger type runs a bandit (policy = "bandit"), or none has sent a trigger yet',
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -417,12 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "what",
         nargs="?",
-        choices=["lift", "engagement", "experiments", "funnel"],
+        choices=["lift", "engagement", "experiments", "funnel", "bandit"],
         default="lift",
         help="lift (default): completion of treated vs held-out users; engagement: delivered, opened, "
         "clicked, dismissed as reported back with Intervention * events, per trigger type and variant; "
         "experiments: each variant against the control and the other variants, with a verdict; "
-        "funnel: per flow step, started / completed / dropped and the median time, by --by",
+        "funnel: per flow step, started / completed / dropped and the median time, by --by; "
+        'bandit: the arms of trigger types with policy = "bandit" (counts in Redis, per cluster)',
     )
     report.add_argument(
         "--by",

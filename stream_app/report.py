@@ -15,11 +15,14 @@ or 1. Users are assigned to the groups by a hash, so the comparison is a randomi
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from stream_app.profile import Profile, is_tombstone
+from stream_app.triggers.bandit import Arms, ArmStats, choose
+from stream_app.triggers.config import TriggerConfig
 from stream_app.triggers.decide import CONTROL, TREATMENT
 
 Z95 = 1.959963984540054
@@ -340,3 +343,45 @@ def funnel(rows: Iterable[tuple[str, str, str, str, float | None]]) -> list[Funn
             entry.dropped += 1
     # within a group and flow, the funnel's order: most started first
     return sorted(out.values(), key=lambda f: (f.group, f.flow, -f.started, f.step))
+
+
+# --- bandit ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmRow:
+    """One bandit arm: a variant of a trigger type in one context (cluster), its counts, and
+    the share of the next triggers in that context it would get now (Thompson sampling with
+    the type's exploration floor, estimated by ``draws`` deterministic draws)."""
+
+    trigger_type: str
+    context: str
+    variant: str
+    result: GroupResult  # n = pulls, successes = rewards
+    share_now: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.trigger_type, "context": self.context, "variant": self.variant,
+            "pulls": self.result.n, "rewards": self.result.successes, "rate": self.result.rate,
+            "ci95": list(self.result.wilson()), "share_now": self.share_now,
+        }  # fmt: skip
+
+
+def bandit_arms(arms: Arms, config: TriggerConfig, draws: int = 2000) -> list[ArmRow]:
+    """Every arm of every trigger type under ``policy = "bandit"``, per context seen."""
+    out: list[ArmRow] = []
+    for ttype in config.types.values():
+        if ttype.policy != "bandit" or not ttype.variants:
+            continue
+        contexts = sorted({c for (t, c, _v) in arms if t == ttype.name})
+        for context in contexts:
+            picks = Counter(
+                choose(f"report{i}", ttype.name, context, ttype.variants, arms, ttype.exploration).name
+                for i in range(draws)
+            )
+            for v in ttype.variants:
+                stats = arms.get((ttype.name, context, v.name), ArmStats())
+                result = GroupResult(stats.pulls, min(stats.rewards, stats.pulls))
+                out.append(ArmRow(ttype.name, context, v.name, result, picks[v.name] / draws))
+    return out

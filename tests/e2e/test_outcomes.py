@@ -164,3 +164,5 @@ def test_a_bandit_counts_each_trigger_and_each_click_once_across_a_crash(
     time.sleep(3)  # the restarted worker has read everything again meanwhile: nothing more counted
     assert arms() == expect
     assert second.metric("onboarding_events_applied_total") == 0  # all were applied before the crash
+    shown = {(r["context"], r["variant"]): (r["pulls"], r["rewards"]) for r in report(deployment, "bandit")}
+    assert shown == {(c, v): (a.pulls, a.rewards) for (_t, c, v), a in expect.items()}

@@ -13,6 +13,7 @@ from stream_app.report import (
     GroupResult,
     Lift,
     arm_outcomes,
+    bandit_arms,
     engagement,
     engagement_rows,
     experiments,
@@ -22,6 +23,8 @@ from stream_app.report import (
     outcomes,
     planned_n,
 )
+from stream_app.triggers.bandit import ArmStats
+from stream_app.triggers.config import parse_config
 
 TREATED = "treatment"
 
@@ -187,3 +190,21 @@ def test_the_funnel_counts_started_completed_dropped_and_median_time_per_group()
     everyone = funnel(r for d in docs for r in funnel_rows(d, "all"))
     assert [f.step for f in everyone] == ["account", "profile", "connect"]  # the funnel's order
     assert funnel_rows({"merged_into": "x"}, "all") == []
+
+
+def test_the_bandit_report_lists_each_arm_per_context_with_its_share_now() -> None:
+    cfg = parse_config(
+        {"stalled_step": {"policy": "bandit", "exploration": 0.3, "variants": [{"name": "a"}, {"name": "b"}]}}
+    )
+    arms = {
+        ("stalled_step", "cluster:1", "a"): ArmStats(200, 20),
+        ("stalled_step", "cluster:1", "b"): ArmStats(200, 120),
+        ("stalled_step", "all", "a"): ArmStats(3, 1),
+        ("other_type", "all", "a"): ArmStats(9, 9),  # not a bandit type here: not listed
+    }
+    rows = {(r.context, r.variant): r for r in bandit_arms(arms, cfg)}
+    assert sorted(rows) == [("all", "a"), ("all", "b"), ("cluster:1", "a"), ("cluster:1", "b")]
+    best = rows[("cluster:1", "b")]
+    assert (best.result.n, best.result.successes) == (200, 120) and best.as_dict()["rate"] == 0.6
+    assert best.share_now == pytest.approx(0.7 + 0.15, abs=0.03)  # exploit + half the exploration
+    assert rows[("all", "b")].result.n == 0  # an arm never pulled in a context is listed too
