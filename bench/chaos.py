@@ -61,6 +61,7 @@ from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
 from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis
 from stream_app.settings import Settings
+from stream_app.store.profiles import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 from stream_app.topics import apply_topics
 
@@ -448,7 +449,7 @@ def check(cluster: Cluster, load: Load, verdict: Verdict) -> None:
             except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError):
                 time.sleep(0.2)
                 continue
-            return orjson.loads(raw) if raw else None
+            return decode_doc(raw) if raw else None
         raise RuntimeError("Redis did not answer for a minute")
 
     deadline = time.monotonic() + 240

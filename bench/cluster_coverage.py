@@ -37,6 +37,7 @@ from evaluation.metrics import adjusted_rand_index
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.settings import Settings
+from stream_app.store.profiles import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 from stream_app.topics import apply_topics
 
@@ -92,7 +93,7 @@ def stored(client: redis.Redis, prefix: str, archetype: dict[str, str]) -> tuple
     for uid, raw in zip(archetype, pipe.execute(), strict=True):
         if raw is None:
             continue
-        doc = orjson.loads(raw)
+        doc = decode_doc(raw)
         if "merged_into" in doc or doc["consent"]["personalization"] is False:
             continue
         out[uid] = ((doc.get("engine") or {}).get("cluster") or {}).get("id")

@@ -50,6 +50,7 @@ from stream_app.observe import scrape, total
 from stream_app.personalization.recommend import RecoModel, adoption, popular_baseline
 from stream_app.settings import Settings
 from stream_app.store.keys import Keys
+from stream_app.store.profiles import decode_doc
 from stream_app.synthetic import adopted_features, generate_users, interleaved_stream, record_key, user_events
 from stream_app.topics import apply_topics
 
@@ -231,7 +232,7 @@ def main() -> None:
         clustered = 0
         by_archetype: dict[str, list[int]] = {}
         for t in tests:
-            doc = orjson.loads(client.hget(keys.profile(t.user_id), "d"))  # type: ignore[arg-type]
+            doc = decode_doc(client.hget(keys.profile(t.user_id), "d"))  # type: ignore[arg-type]
             used = adoption(doc)
             cluster = ((doc.get("engine") or {}).get("cluster") or {}).get("name")
             clustered += cluster is not None

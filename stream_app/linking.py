@@ -132,8 +132,9 @@ class IdentityLinker:
                     outcome = "linked"
                 if await self.store.save([Write(target, tgt.version, doc, seen, require_unseen=False)]):
                     continue
-            if snapshot is not None:
-                await self.store.save([Write(source, tomb_version, {"merged_into": target})])
+            if snapshot is not None:  # the link is complete: the tombstone keeps only the redirect
+                done = Write(source, tomb_version, {"merged_into": target}, forget_seen=True)
+                await self.store.save([done])
             self.metrics.identity_merges.labels(outcome).inc()
             return exits
         raise ContentionError("identity link kept conflicting; the batch is retried")

@@ -12,7 +12,7 @@ import hashlib
 #: Every kind of per-user key. Erasure deletes ``user_key(kind, user)`` for each kind
 #: (of the user and of every id merged into it): a feature that adds a per-user key
 #: must add its kind here, and the erasure contract test then covers it.
-USER_KEY_KINDS: list[str] = ["p", "seen"]
+USER_KEY_KINDS: list[str] = ["p", "sd", "seen"]
 
 
 def hash_tag(ident: str) -> str:
@@ -65,8 +65,13 @@ class Keys:
         """Hash: ``v`` (version, for compare-and-set) and ``d`` (the JSON document)."""
         return self.user_key("p", user)
 
+    def seen_digests(self, user: str) -> str:
+        """Sorted set of applied messageIds' 64-bit digests, scored by when they were applied
+        (dedup window)."""
+        return self.user_key("sd", user)
+
     def seen(self, user: str) -> str:
-        """Sorted set of applied messageIds, scored by when they were applied (dedup window)."""
+        """Sorted set of applied messageIds, as written before the digests: read, no longer written."""
         return self.user_key("seen", user)
 
     def user_key(self, kind: str, user: str) -> str:

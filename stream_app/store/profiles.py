@@ -1,8 +1,13 @@
 """The profile store: one interface, a Redis implementation and an in-memory twin.
 
-A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the JSON
-document ``d``; the applied messageIds live in the sorted set ``{prefix}:seen:{user}``
-(same hash tag, so one Lua script updates both, also on Redis Cluster). Writes are
+A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the document
+``d`` (JSON, zlib-compressed when that is smaller: a third of the bytes for a typical
+profile); the applied messageIds live in the sorted set ``{prefix}:sd:{user}`` as 64-bit
+digests (8 bytes instead of a 36-character UUID; a collision between two of one user's
+ids within the dedup window has odds of ~1e-16), scored by the second they were applied,
+same hash tag, so one Lua script updates
+both, also on Redis Cluster. Sets of full messageIds written before (``{prefix}:seen:``)
+are still checked while they exist (they expire with the dedup window). Writes are
 compare-and-set on the version: a write based on a stale read is refused and the
 caller re-reads, so a rebalance that briefly gives a user to two workers, or a retry
 after a lost reply, never applies an event twice.
@@ -14,7 +19,9 @@ This module stores and fetches; it never decides what a profile contains (that i
 from __future__ import annotations
 
 import abc
+import hashlib
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +55,9 @@ class Write:
     #: Refuse the write if any of ``new_message_ids`` was already applied (event writes);
     #: identity merges copy seen ids and set this False.
     require_unseen: bool = True
+    #: Drop the profile's dedup memory with this write: a linked id's final tombstone (its
+    #: events are redirected to the user, whose dedup memory holds copies of its ids).
+    forget_seen: bool = False
 
 
 class ProfileStore(abc.ABC):
@@ -100,15 +110,22 @@ class ProfileStore(abc.ABC):
         """Release connections."""
 
 
-# KEYS: profile hash, seen zset. ARGV: messageIds. Returns {version, doc, {1|0 per id}, published}.
+# KEYS: profile hash, digest zset, legacy zset of full ids. ARGV: n, n digests, the n ids.
+# Returns {version, doc, {1|0 per id}, published}.
 _LOAD_LUA = """
 local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p')
+local n = tonumber(ARGV[1])
 local flags = {}
-for i = 1, #ARGV, 500 do
+for i = 2, n + 1, 500 do
   local chunk = {}
-  for j = i, math.min(i + 499, #ARGV) do chunk[#chunk + 1] = ARGV[j] end
+  for j = i, math.min(i + 499, n + 1) do chunk[#chunk + 1] = ARGV[j] end
   local scores = redis.call('ZMSCORE', KEYS[2], unpack(chunk))
   for j = 1, #scores do flags[#flags + 1] = scores[j] and 1 or 0 end
+end
+if n > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  for i = 1, n do
+    if flags[i] == 0 and redis.call('ZSCORE', KEYS[3], ARGV[n + 1 + i]) then flags[i] = 1 end
+  end
 end
 return {r[1], r[2], flags, r[3]}
 """
@@ -119,33 +136,63 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', ARGV
 return 0
 """
 
-# KEYS: profile hash, seen zset.
-# ARGV: expected version, doc, ttl s, now ms, dedup window ms, require-unseen flag, ids...
+# KEYS: profile hash, digest zset, legacy zset of full ids.
+# ARGV: expected version, doc, ttl s, now ms, dedup window ms, require-unseen flag,
+# forget-seen flag, n, n digests, the n ids ("" for an entry copied as a digest).
 # Returns the new version, -1 if the version moved, -2 if an id was already applied.
 _CAS_LUA = """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -1 end
-if ARGV[6] == '1' then
-  for i = 7, #ARGV do
-    if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return -2 end
+local n = tonumber(ARGV[8])
+if ARGV[6] == '1' and n > 0 then
+  local legacy = redis.call('EXISTS', KEYS[3]) == 1
+  for i = 1, n do
+    if redis.call('ZSCORE', KEYS[2], ARGV[8 + i]) then return -2 end
+    if legacy and redis.call('ZSCORE', KEYS[3], ARGV[8 + n + i]) then return -2 end
   end
 end
 redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-local now = tonumber(ARGV[4])
-if #ARGV > 6 then
+if ARGV[7] == '1' then redis.call('DEL', KEYS[2], KEYS[3]) end
+local now = math.floor(tonumber(ARGV[4]) / 1000)  -- seconds: a 32-bit score packs smaller
+if n > 0 then
   local batch = {}
-  for i = 7, #ARGV do
+  for i = 9, 8 + n do
     batch[#batch + 1] = now
     batch[#batch + 1] = ARGV[i]
     if #batch >= 200 then redis.call('ZADD', KEYS[2], unpack(batch)); batch = {} end
   end
   if #batch > 0 then redis.call('ZADD', KEYS[2], unpack(batch)) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - math.floor(tonumber(ARGV[5]) / 1000))
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
 return v + 1
 """
+
+#: a dedup entry handed out by ``seen_ids`` (identity merges copy them): already a digest
+DIGEST_ENTRY = "\x1fsd:"
+_ZLIB = b"\x78"  # the first byte of a zlib stream; a JSON document starts with "{"
+COMPRESS_ABOVE = 256  # bytes of JSON below which compressing is not worth a call
+
+
+def digest(message_id: str) -> bytes:
+    """The dedup entry of a messageId (or of an entry ``seen_ids`` returned)."""
+    if message_id.startswith(DIGEST_ENTRY):
+        return bytes.fromhex(message_id[len(DIGEST_ENTRY) :])
+    return hashlib.blake2b(message_id.encode(), digest_size=8).digest()
+
+
+def encode_doc(doc: Profile) -> bytes:
+    raw = orjson.dumps(doc)
+    if len(raw) < COMPRESS_ABOVE:
+        return raw
+    packed = zlib.compress(raw, 1)
+    return packed if len(packed) < len(raw) else raw
+
+
+def decode_doc(raw: bytes) -> Profile:
+    doc: Profile = orjson.loads(zlib.decompress(raw) if raw[:1] == _ZLIB else raw)
+    return doc
 
 
 class RedisProfileStore(ProfileStore):
@@ -159,17 +206,23 @@ class RedisProfileStore(ProfileStore):
         self.scripts = Scripts(client, {"load": _LOAD_LUA, "cas": _CAS_LUA, "mark": _MARK_LUA})
 
     def _user_keys(self, pid: str) -> list[str]:
-        return [self.keys.profile(pid), self.keys.seen(pid)]
+        return [self.keys.profile(pid), self.keys.seen_digests(pid), self.keys.seen(pid)]
+
+    @staticmethod
+    def _ids(message_ids: Sequence[str]) -> list[Any]:
+        """n, the n digests, the n ids (for a legacy set; "" for an entry copied as a digest)."""
+        raws = ["" if m.startswith(DIGEST_ENTRY) else m for m in message_ids]
+        return [len(message_ids), *(digest(m) for m in message_ids), *raws]
 
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
         ids = list(requests)
         replies = await self.scripts.pipeline(
-            [Eval("load", self._user_keys(pid), requests[pid]) for pid in ids]
+            [Eval("load", self._user_keys(pid), self._ids(requests[pid])) for pid in ids]
         )
         out: dict[str, Loaded] = {}
         for pid, (version, raw, flags, *published) in zip(ids, replies, strict=True):
             seen = {m for m, flag in zip(requests[pid], flags, strict=True) if flag}
-            doc = orjson.loads(raw) if raw is not None else None
+            doc = decode_doc(raw) if raw is not None else None
             mark = published[0] if published and published[0] is not None else None
             out[pid] = Loaded(
                 doc,
@@ -193,12 +246,13 @@ class RedisProfileStore(ProfileStore):
                 self._user_keys(w.profile_id),
                 [
                     w.expected_version,
-                    orjson.dumps(w.doc),
+                    encode_doc(w.doc),
                     self.ttl_seconds,
                     now_ms,
                     self.dedup_window_ms,
                     "1" if w.require_unseen else "0",
-                    *w.new_message_ids,
+                    "1" if w.forget_seen else "0",
+                    *self._ids(w.new_message_ids),
                 ],
             )
             for w in writes
@@ -207,12 +261,15 @@ class RedisProfileStore(ProfileStore):
         return {w.profile_id for w, r in zip(writes, replies, strict=True) if int(r) < 0}
 
     async def seen_ids(self, profile_id: str) -> list[str]:
-        members = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        """Entries to copy into another profile's dedup memory (digests, opaque to callers)."""
+        digests: list[Any] = await self.client.zrange(self.keys.seen_digests(profile_id), 0, -1)
+        legacy: list[Any] = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
+        entries = {bytes(d) for d in digests} | {digest(bytes(m).decode()) for m in legacy}
+        return sorted(DIGEST_ENTRY + d.hex() for d in entries)
 
     async def get(self, profile_id: str) -> Profile | None:
-        raw = await self.client.hget(self.keys.profile(profile_id), "d")
-        return orjson.loads(raw) if raw is not None else None
+        raw: Any = await self.client.hget(self.keys.profile(profile_id), "d")
+        return decode_doc(raw) if raw is not None else None
 
     async def version(self, profile_id: str) -> int:
         raw = await self.client.hget(self.keys.profile(profile_id), "v")
@@ -247,7 +304,7 @@ class RedisProfileStore(ProfileStore):
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hget(name, "d")
-        return [orjson.loads(raw) for raw in await pipe.execute() if raw is not None]
+        return [decode_doc(raw) for raw in await pipe.execute() if raw is not None]
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -289,6 +346,8 @@ class InMemoryProfileStore(ProfileStore):
                 conflicts.add(w.profile_id)
                 continue
             self.profiles[w.profile_id] = (version + 1, orjson.dumps(w.doc))
+            if w.forget_seen:
+                self.seen.pop(w.profile_id, None)
             if w.new_message_ids:
                 self.seen.setdefault(w.profile_id, {}).update(dict.fromkeys(w.new_message_ids, now_ms))
         return conflicts

@@ -1,7 +1,7 @@
 """Per-step completion-time statistics: count, mean and variance (Welford), in Redis.
 
 One hash per (flow, step) ``{prefix}:stepstats:{flow|step}`` holds n, mean and M2;
-the messageIds already folded in live in a sorted set with the same hash tag, so one
+the messageIds already folded in (their 64-bit digests) live in a sorted set with the same hash tag, so one
 Lua call per step per batch deduplicates and updates atomically (also on Redis
 Cluster). Folding the same completion twice (a redelivery, or a replay after a crash
 between the profile write and this one) changes nothing.
@@ -14,9 +14,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from stream_app.profile import StepDuration
 from stream_app.store.keys import Keys, parse_step_name, step_name
+from stream_app.store.profiles import digest
 from stream_app.store.scripts import AnyRedis, Call, Eval, Scripts
 
 
@@ -84,16 +86,19 @@ class InMemoryStepStatsStore(StepStatsStore):
         return [_stats(f, s, *v, g) for (f, s, g), v in sorted(self.values.items())]
 
 
-# KEYS: stats hash, applied zset. ARGV: now ms, window ms, then (message id, duration) pairs.
+# KEYS: stats hash, applied zset. ARGV: now ms, window ms, then (digest of the message id,
+# the id itself, duration) triples. The set holds digests; full ids written before them are
+# still found (they leave with the dedup window).
 _ADD_LUA = """
 local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 local mean = tonumber(redis.call('HGET', KEYS[1], 'mean') or '0')
 local m2 = tonumber(redis.call('HGET', KEYS[1], 'm2') or '0')
 local now = tonumber(ARGV[1])
 local added = 0
-for i = 3, #ARGV, 2 do
-  if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i]) == 1 then
-    local x = tonumber(ARGV[i + 1])
+for i = 3, #ARGV, 3 do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i + 1])
+     and redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i]) == 1 then
+    local x = tonumber(ARGV[i + 2])
     n = n + 1
     local delta = x - mean
     mean = mean + delta / n
@@ -116,9 +121,10 @@ class RedisStepStatsStore(StepStatsStore):
         self.scripts = Scripts(client, {"add": _ADD_LUA})
 
     async def add(self, durations: Sequence[StepDuration]) -> int:
-        by_step: dict[tuple[str, str, str], list[str]] = {}
+        by_step: dict[tuple[str, str, str], list[Any]] = {}
         for d in durations:
-            by_step.setdefault((d.flow, d.step, d.group), []).extend((d.message_id, repr(d.duration_s)))
+            args = (digest(d.message_id), d.message_id, repr(d.duration_s))
+            by_step.setdefault((d.flow, d.step, d.group), []).extend(args)
         if not by_step:
             return 0
         now_ms = int(time.time() * 1000)

@@ -22,7 +22,7 @@ from stream_app.profile import ProfileRules, lifecycle_stage
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import load_segments
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import InMemoryProfileStore
+from stream_app.store.profiles import InMemoryProfileStore, decode_doc
 
 from .conftest import PII_SALT, Deployment, WorkerHandle, wait_until
 
@@ -96,7 +96,7 @@ def stored_profiles(deployment: Deployment, ids: list[str]) -> dict[str, Any]:
     for pid in ids:
         raw = client.hget(keys.profile(pid), "d")
         if raw is not None:
-            out[pid] = orjson.loads(raw)
+            out[pid] = decode_doc(raw)
     return out
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from stream_app.profile import new_profile
 from stream_app.store.keys import USER_KEY_KINDS, Keys
-from stream_app.store.profiles import ProfileStore, RedisProfileStore, Write
+from stream_app.store.profiles import DIGEST_ENTRY, ProfileStore, RedisProfileStore, Write, digest
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
@@ -33,7 +34,11 @@ async def test_write_then_read_back_with_seen_ids(store: ProfileStore) -> None:
     assert loaded["u1"].version == 1
     assert loaded["u1"].doc == doc
     assert loaded["u1"].seen == {"m1"}
-    assert sorted(await store.seen_ids("u1")) == ["m1", "m2"]
+    # what seen_ids hands out (opaque entries) makes those ids seen in another profile (a merge)
+    copied = await store.seen_ids("u1")
+    assert len(copied) == 2
+    assert await store.save([Write("u9", 0, new_profile("u9"), copied, require_unseen=False)]) == set()
+    assert (await store.load({"u9": ["m1", "m2", "m3"]}))["u9"].seen == {"m1", "m2"}
     assert await store.version("u1") == 1
     assert await store.save([Write("u1", 1, doc, ["m3"])]) == set()
     assert await store.version("u1") == 2
@@ -109,3 +114,41 @@ async def test_published_marks_are_loaded_survive_writes_and_never_create_a_prof
     assert (await store.load({"never-written": []}))["never-written"].published is None
     await store.erase(["pub"])
     assert (await store.load({"pub": []}))["pub"].published is None
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def client(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> aioredis.Redis:
+    return fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
+
+
+async def test_redis_keeps_digests_reads_sets_of_full_ids_and_compresses_documents(
+    client: aioredis.Redis,
+) -> None:
+    """Redis only: what the store writes is compact, and what it wrote before still counts."""
+    keys = Keys("t")
+    store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=3600)
+    doc = new_profile("big")
+    doc["features"] = {f"feature-{i}": i for i in range(60)}  # a few KB of JSON
+    await store.save([Write("big", 0, doc, ["m1"])])
+    stored = await client.hget(keys.profile("big"), "d")
+    assert stored is not None and stored[:1] == b"\x78" and len(stored) < len(orjson.dumps(doc)) / 2
+    assert await store.get("big") == doc and (await store.load({"big": []}))["big"].doc == doc
+    assert [len(m) for m in await client.zrange(keys.seen_digests("big"), 0, -1)] == [8]
+    # an id applied before the upgrade: in the set of full ids, still a duplicate
+    await client.zadd(keys.seen("big"), {"old-1": 1_000})
+    assert (await store.load({"big": ["old-1", "m1", "new"]}))["big"].seen == {"old-1", "m1"}
+    assert await store.save([Write("big", 1, doc, ["old-1"])]) == {"big"}  # refused: applied before
+    assert sorted(await store.seen_ids("big")) == sorted(
+        [DIGEST_ENTRY + digest("m1").hex(), DIGEST_ENTRY + digest("old-1").hex()]
+    )
+    # a plain JSON document (written before compression) reads as before
+    await client.hset(keys.profile("old"), mapping={"v": 1, "d": orjson.dumps(new_profile("old"))})
+    assert await store.get("old") == new_profile("old")
+
+
+async def test_a_write_can_drop_the_dedup_memory(store: ProfileStore) -> None:
+    """A linked id's final tombstone: its events go to the user, whose memory has copies."""
+    await store.save([Write("anon", 0, new_profile("anon"), ["m1", "m2"])])
+    assert await store.save([Write("anon", 1, {"merged_into": "u1"}, forget_seen=True)]) == set()
+    loaded = (await store.load({"anon": ["m1", "m2"]}))["anon"]
+    assert loaded.seen == set() and loaded.doc == {"merged_into": "u1"} and await store.seen_ids("anon") == []

@@ -1,0 +1,151 @@
+"""Issue 12 measurement: Redis bytes per profile, by key kind.
+
+Run: python bench/memory.py [--users N] [--label TEXT]
+
+One worker on the embedded broker and a private redis-server, default settings. The
+synthetic stream of N users (their whole onboarding and first weeks, ~43 events each,
+anonymous ids linked to user ids on identify) is produced, the worker applies it, and then
+Redis is measured: ``used_memory`` after minus before, divided by the number of user
+profiles (linked anonymous ids leave a tombstone each, counted in the total), and
+``MEMORY USAGE`` summed per key kind (``<prefix>:<kind>:...``).
+
+Each run adds one row to the "Memory per profile" table of bench/RESULTS.md (``--label``
+names it: what changed), so changes are compared against the same method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+import orjson
+import redis
+from common import isolated_env, machine, redis_memory_by_kind
+from confluent_kafka import Producer
+from rich.console import Console
+from rich.table import Table
+from throughput import RESULTS, start_worker
+
+from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
+from stream_app.observe import scrape, total
+from stream_app.settings import Settings
+from stream_app.synthetic import generate_users, interleaved_stream, record_key
+from stream_app.topics import apply_topics
+
+SECTION = "## Memory per profile (issue 12)"
+console = Console()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=2000, help="synthetic users (default 2000)")
+    parser.add_argument("--label", default="", help="what this run measures (a row label)")
+    args = parser.parse_args()
+    population = generate_users(args.users, 505)
+    tag = f"mm{uuid.uuid4().hex[:6]}"
+    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+        env = isolated_env(
+            broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
+        )
+        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
+        apply_topics(settings, broker.bootstrap)
+        client = redis.Redis.from_url(redis_server.url)
+        before = int(client.info("memory")["used_memory"])
+        producer = Producer(
+            {"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True}
+        )
+        now = int(time.time() * 1000)
+        sent = 0
+        with console.status(f"producing {args.users} users' events…"):
+            for event in interleaved_stream(population, now - 30 * 86_400_000, 505, arrival_spread_s=86_400):
+                producer.produce(settings.topic_events, key=record_key(event), value=orjson.dumps(event))
+                producer.poll(0)
+                sent += 1
+            producer.flush(60)
+        proc, url = start_worker(env)
+        try:
+            with console.status(f"applying {sent} events…"):
+                while total(scrape(url + "/metrics"), "onboarding_events_consumed_total") < sent:
+                    time.sleep(1)
+                time.sleep(3)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        used = int(client.info("memory")["used_memory"]) - before
+        kinds = redis_memory_by_kind(redis_server.url, tag)
+        profiles = tombstones = 0
+        doc_bytes = 0
+        for key in client.scan_iter(f"{tag}:p:*", count=2000):
+            raw = client.hget(key, "d") or b""
+            doc_bytes += len(raw)
+            if b"merged_into" in raw[:200] or b"merged_into" in _plain(raw)[:200]:
+                tombstones += 1
+            else:
+                profiles += 1
+        client.close()
+    report(args, sent, used, profiles, tombstones, doc_bytes, kinds)
+
+
+def _plain(raw: bytes) -> bytes:
+    """The JSON of a stored document (compressed ones are zlib streams)."""
+    import zlib
+
+    try:
+        return zlib.decompress(raw)
+    except zlib.error:
+        return raw
+
+
+def report(
+    args: argparse.Namespace,
+    sent: int,
+    used: int,
+    profiles: int,
+    tombstones: int,
+    doc_bytes: int,
+    kinds: dict[str, tuple[int, int]],
+) -> None:
+    per = used / max(1, profiles)
+    table = Table(title=f"Redis per profile: {per:.0f} bytes ({profiles} profiles, {tombstones} tombstones)")
+    for column in ("kind", "keys", "bytes", "bytes per profile"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, (keys, size) in kinds.items():
+        table.add_row(kind, str(keys), str(size), f"{size / max(1, profiles):.0f}")
+    console.print(table)
+    breakdown = ", ".join(
+        f"{k} {s / max(1, profiles):.0f}" for k, (_n, s) in kinds.items() if s / max(1, profiles) >= 5
+    )
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {args.label or '-'} | {args.users} / {sent} | **{per:.0f}** "
+        f"| {doc_bytes / max(1, profiles + tombstones):.0f} | {breakdown} |"
+    )
+    head = f"""{SECTION}
+
+Run: `python bench/memory.py --users N --label ...`. Machine: {machine()}.
+Bytes per profile = Redis `used_memory` after the worker applied the stream minus before,
+divided by the user profiles (each user's linked anonymous id leaves a tombstone, counted
+in the total). By kind: `MEMORY USAGE` of every key of that kind / profiles (p = profile
+hash, seen = dedup set, stepstats-applied = the step statistics' dedup, members / deadlines /
+watermark = the timer's indexes, cluster-* / reco-* = the shared models' sample sets).
+Target (issue 12): ≤ 2,048 bytes.
+
+| date | change | users / events | bytes per profile | stored doc, mean B | by kind (bytes per profile) |
+|---|---|---|---|---|---|
+"""
+    text = RESULTS.read_text()
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        block = text[start : nxt if nxt >= 0 else len(text)].rstrip() + "\n" + row + "\n"
+        text = text[:start] + block + (text[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + head + row + "\n"
+    RESULTS.write_text(text)
+    console.print(f"added a row to {SECTION!r} in bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
