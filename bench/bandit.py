@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, write_section
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +42,6 @@ from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
 from stream_app.settings import Settings
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
-from stream_app.topics import apply_topics
 
 SECTION = "## Bandit: cumulative regret as delivered"  # + the floor of exploration: one section per floor
 VARIANTS = ("video", "checklist", "chat")
@@ -157,8 +156,7 @@ def main() -> None:
             TRIGGERS_FILE=str(config), CLUSTER_TRAIN_INTERVAL_SECONDS="5", BASELINE_REFRESH_SECONDS="0.5",
             TIMER_INTERVAL_SECONDS="0.2", PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING",
         )  # fmt: skip
-        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-        apply_topics(settings, broker.bootstrap)
+        settings = deploy(env, broker.bootstrap)
         producer = Producer(
             {"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "enable.idempotence": True}
         )

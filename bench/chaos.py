@@ -61,7 +61,7 @@ from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
 from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis
 from stream_app.settings import Settings
-from stream_app.store.profiles import decode_doc
+from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 from stream_app.topics import apply_topics
 

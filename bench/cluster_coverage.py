@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import orjson
 import redis
-from common import isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, write_section
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
@@ -36,10 +36,8 @@ from throughput import start_worker
 from evaluation.metrics import adjusted_rand_index
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
-from stream_app.settings import Settings
-from stream_app.store.profiles import decode_doc
+from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
-from stream_app.topics import apply_topics
 
 SECTION = "## Clustering as delivered: coverage after a cold start and on a backlog"
 console = Console()
@@ -160,8 +158,7 @@ def watch(
 def backlog(broker: str, redis_url: str, users: int, interval: float) -> Run:
     tag = f"bl{uuid.uuid4().hex[:6]}"
     env = env_for(broker, redis_url, tag, interval)
-    settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-    apply_topics(settings, broker)
+    settings = deploy(env, broker)
     population = generate_users(users, 101)
     archetype = {u.user_id: u.archetype for u in population}
     producer = Producer({"bootstrap.servers": broker, "linger.ms": 20})
@@ -190,8 +187,7 @@ def backlog(broker: str, redis_url: str, users: int, interval: float) -> Run:
 def cold_start(broker: str, redis_url: str, users: int, interval: float, seconds: float) -> Run:
     tag = f"cs{uuid.uuid4().hex[:6]}"
     env = env_for(broker, redis_url, tag, interval)
-    settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-    apply_topics(settings, broker)
+    settings = deploy(env, broker)
     population = generate_users(users, 202)
     archetype = {u.user_id: u.archetype for u in population}
     # a day of arrivals compressed into the run (time_scale as in the demo), sent in real time

@@ -7,6 +7,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from stream_app.embedded import EmbeddedRedis
 
@@ -99,3 +100,13 @@ def redis_memory_by_kind(url: str, prefix: str) -> dict[str, tuple[int, int]]:
         flush()
     client.close()
     return {kind: (keys, size) for kind, (keys, size) in sorted(out.items())}
+
+
+def deploy(env: dict[str, str], bootstrap: str) -> Any:
+    """The settings of a benchmark deployment's environment, its topics created on the broker."""
+    from stream_app.settings import Settings
+    from stream_app.topics import apply_topics
+
+    settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
+    apply_topics(settings, bootstrap)
+    return settings

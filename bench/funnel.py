@@ -28,7 +28,7 @@ import uuid
 from typing import Any
 
 import orjson
-from common import isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, write_section
 from confluent_kafka import Producer
 from rich.console import Console
 from throughput import start_worker
@@ -36,9 +36,7 @@ from throughput import start_worker
 from stream_app.contract import parse_timestamp
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
-from stream_app.settings import Settings
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
-from stream_app.topics import apply_topics
 
 SECTION = "## Funnel: live metrics against the report"
 STAGES = ("started", "completed", "dropped")
@@ -71,8 +69,7 @@ def main() -> None:
         env = isolated_env(
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
         )
-        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-        apply_topics(settings, broker.bootstrap)
+        settings = deploy(env, broker.bootstrap)
         producer = Producer(
             {"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True}
         )

@@ -21,7 +21,7 @@ import uuid
 
 import orjson
 import redis
-from common import isolated_env, machine, redis_memory_by_kind
+from common import deploy, isolated_env, machine, redis_memory_by_kind
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
@@ -29,9 +29,8 @@ from throughput import RESULTS, start_worker
 
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
-from stream_app.settings import Settings
+from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
-from stream_app.topics import apply_topics
 
 SECTION = "## Memory per profile (issue 12)"
 console = Console()
@@ -50,8 +49,7 @@ def main() -> None:
         env = isolated_env(
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
         )
-        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-        apply_topics(settings, broker.bootstrap)
+        settings = deploy(env, broker.bootstrap)
         client = redis.Redis.from_url(redis_server.url)
         before = int(client.info("memory")["used_memory"])
         producer = Producer(
@@ -81,22 +79,12 @@ def main() -> None:
         for key in client.scan_iter(f"{tag}:p:*", count=2000):
             raw = client.hget(key, "d") or b""
             doc_bytes += len(raw)
-            if b"merged_into" in raw[:200] or b"merged_into" in _plain(raw)[:200]:
+            if "merged_into" in decode_doc(raw or b"{}"):
                 tombstones += 1
             else:
                 profiles += 1
         client.close()
     report(args, sent, used, profiles, tombstones, doc_bytes, kinds)
-
-
-def _plain(raw: bytes) -> bytes:
-    """The JSON of a stored document (compressed ones are zlib streams)."""
-    import zlib
-
-    try:
-        return zlib.decompress(raw)
-    except zlib.error:
-        return raw
 
 
 def report(

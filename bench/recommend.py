@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import orjson
 import redis
-from common import isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, write_section
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import Progress
@@ -48,11 +48,9 @@ from stream_app.demo.services import EngineProcess, collector_ready, worker_read
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
 from stream_app.personalization.recommend import RecoModel, adoption, popular_baseline
-from stream_app.settings import Settings
+from stream_app.store.docpack import decode_doc
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import decode_doc
 from stream_app.synthetic import adopted_features, generate_users, interleaved_stream, record_key, user_events
-from stream_app.topics import apply_topics
 
 SECTION = "## Personalization as delivered: next-feature recommendations and the decision endpoint"
 console = Console()
@@ -193,8 +191,7 @@ def main() -> None:
             LOG_LEVEL="WARNING",
             COLLECTOR_WRITE_KEYS=f"bench={KEY}",
         )
-        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-        apply_topics(settings, broker.bootstrap)
+        settings = deploy(env, broker.bootstrap)
         now = int(time.time() * 1000)
         train_users = generate_users(args.train_users, 301)
         history = list(

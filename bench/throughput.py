@@ -29,7 +29,7 @@ from stream_app.contract import iso_ms
 from stream_app.demo.services import EngineProcess, worker_ready
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
-from stream_app.store.profiles import decode_doc
+from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
 ROOT = Path(__file__).resolve().parents[1]

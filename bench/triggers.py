@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import machine, write_section
+from common import deploy, machine, write_section
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from rich.console import Console
 from throughput import start_worker
@@ -176,8 +176,7 @@ def main() -> None:
             LOG_LEVEL="WARNING",
             PII_HASH_SALT="bench-salt",
         )
-        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
-        apply_topics(settings, broker.bootstrap)
+        settings = deploy(env, broker.bootstrap)
         proc, url = start_worker(env)
         try:
             consumer = tail_consumer(broker.bootstrap, settings.topic_triggers)

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from stream_app.contract import iso_ms
-from stream_app.store.profiles import decode_doc
+from stream_app.store.docpack import decode_doc
 
 from .conftest import Deployment, wait_until
 

@@ -21,8 +21,9 @@ from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import ProfileRules, lifecycle_stage
 from stream_app.segments.facts import profile_facts
 from stream_app.segments.rules import load_segments
+from stream_app.store.docpack import decode_doc
 from stream_app.store.keys import Keys
-from stream_app.store.profiles import InMemoryProfileStore, decode_doc
+from stream_app.store.profiles import InMemoryProfileStore
 
 from .conftest import PII_SALT, Deployment, WorkerHandle, wait_until
 
