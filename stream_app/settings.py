@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     profile_cache_mb: float = Field(
         32, ge=0, description="Cap of the serialized documents in that cache, in MiB (0: off)."
     )
+    profile_compression: bool = Field(
+        True,
+        description="Store profile documents deflated (about a third of the bytes; ~35 us of CPU per "
+        "write, ~9 us per read). Documents read either way, so it can be switched at any time.",
+    )
     session_gap_seconds: int = Field(30 * 60, ge=1, description="Inactivity that starts a new session.")
     pii_hash_salt: SecretStr = Field(SecretStr(DEV_PII_SALT), description="Salt of the email/phone hashes.")
 

@@ -184,7 +184,10 @@ def digest(message_id: str) -> bytes:
 class RedisProfileStore(ProfileStore):
     """Profiles in Redis (standalone or Cluster): one pipeline to read a batch, one to write it."""
 
-    def __init__(self, client: AnyRedis, keys: Keys, ttl_seconds: int, dedup_window_seconds: int) -> None:
+    def __init__(
+        self, client: AnyRedis, keys: Keys, ttl_seconds: int, dedup_window_seconds: int, compress: bool = True
+    ) -> None:
+        self.compress = compress
         self.client = client
         self.keys = keys
         self.ttl_seconds = ttl_seconds
@@ -232,7 +235,7 @@ class RedisProfileStore(ProfileStore):
                 self._user_keys(w.profile_id),
                 [
                     w.expected_version,
-                    encode_doc(w.doc),
+                    encode_doc(w.doc) if self.compress else orjson.dumps(w.doc),
                     self.ttl_seconds,
                     now_ms,
                     self.dedup_window_ms,

@@ -96,7 +96,11 @@ class Stores:
             raise ConfigError("REDIS_URL", "not set; point it at Redis or run `stream-app demo`")
         self.redis = client = redis_client(settings, settings.redis_url)
         self.profiles = RedisProfileStore(
-            client, self.keys, settings.profile_ttl_seconds, settings.dedup_window_seconds
+            client,
+            self.keys,
+            settings.profile_ttl_seconds,
+            settings.dedup_window_seconds,
+            compress=settings.profile_compression,
         )
         self.step_stats = RedisStepStatsStore(client, self.keys, settings.dedup_window_seconds)
         self.bandit = RedisBanditStore(client, self.keys, settings.dedup_window_seconds)

@@ -32,7 +32,7 @@ def test_a_profile_is_deflated_against_the_dictionary_and_small_ones_stay_json()
                                     "completed_steps": {}}}  # fmt: skip
     packed = encode_doc(doc)
     plain = orjson.dumps(doc)
-    assert packed[:1] == b"\x78" and packed[1] & 0x20  # zlib, with a preset dictionary
+    assert packed[0] & 0x0F == 8 and packed[1] & 0x20  # a zlib stream, with a preset dictionary
     assert len(packed) < len(zlib.compress(plain, 6))  # the dictionary earns its keep
     assert encode_doc({"merged_into": "u1"}) == b'{"merged_into":"u1"}'  # a tombstone stays JSON
 
