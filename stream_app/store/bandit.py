@@ -25,7 +25,7 @@ class BanditStore(abc.ABC):
     @abc.abstractmethod
     async def add(self, pulls: Sequence[ArmEvent], rewards: Sequence[ArmEvent]) -> list[tuple[str, ArmEvent]]:
         """Count pulls and rewards not counted before (by trigger id); return those that were
-        new, as ``("pull" | "reward", event)``."""
+        new, as ``(PULL | REWARD, event)``."""
 
     @abc.abstractmethod
     async def arms(self, trigger_types: Sequence[str]) -> dict[tuple[str, str, str], ArmStats]:
