@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import deploy, isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, produce_backlog, write_section
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from throughput import start_worker
 
-from stream_app.contract import iso_ms, parse_timestamp
+from stream_app.contract import iso_ms
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
 from stream_app.settings import Settings
-from stream_app.synthetic import generate_users, interleaved_stream, record_key
+from stream_app.synthetic import generate_users
 
 SECTION = "## Bandit: cumulative regret as delivered"  # + the floor of exploration: one section per floor
 VARIANTS = ("video", "checklist", "chat")
@@ -69,15 +69,6 @@ exploration = {exploration}
 action = {{ kind = "in_app_message" }}
 """ + "".join(f'[[stalled_step.variants]]\nname = "{v}"\n' for v in VARIANTS)
 console = Console()
-
-
-def history(producer: Producer, topic: str, population: list[Any]) -> None:
-    start_ms = int(time.time() * 1000) - 3 * 86_400_000
-    for event in interleaved_stream(population, start_ms, 303, arrival_spread_s=86_400):
-        stamp = parse_timestamp(event["timestamp"])
-        producer.produce(topic, key=record_key(event), value=orjson.dumps(event), timestamp=stamp)
-        producer.poll(0)
-    producer.flush(60)
 
 
 def event(user: str, mid: str, name: str, props: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -161,7 +152,7 @@ def main() -> None:
             {"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "enable.idempotence": True}
         )
         with console.status(f"producing the history of {args.users} users…"):
-            history(producer, settings.topic_events, population)
+            produce_backlog(broker.bootstrap, settings.topic_events, population, 303)
         proc, url = start_worker(env)
         try:
             with console.status("waiting for the cluster model…"):

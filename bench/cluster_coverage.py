@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import orjson
 import redis
-from common import deploy, isolated_env, machine, write_section
+from common import deploy, isolated_env, machine, produce_backlog, write_section
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
@@ -161,16 +161,8 @@ def backlog(broker: str, redis_url: str, users: int, interval: float) -> Run:
     settings = deploy(env, broker)
     population = generate_users(users, 101)
     archetype = {u.user_id: u.archetype for u in population}
-    producer = Producer({"bootstrap.servers": broker, "linger.ms": 20})
-    start_ms = int(time.time() * 1000) - 3 * 86_400_000
     with console.status(f"producing the history of {users} users…"):
-        for event in interleaved_stream(population, start_ms, 101, arrival_spread_s=86_400):
-            stamp = parse_timestamp(event["timestamp"])
-            producer.produce(
-                settings.topic_events, key=record_key(event), value=orjson.dumps(event), timestamp=stamp
-            )
-            producer.poll(0)
-        producer.flush(60)
+        produce_backlog(broker, settings.topic_events, population, 101)
     client = redis.Redis.from_url(redis_url)
     run = Run("backlog")
     with console.status("worker on the backlog…"):

@@ -110,3 +110,27 @@ def deploy(env: dict[str, str], bootstrap: str) -> Any:
     settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
     apply_topics(settings, bootstrap)
     return settings
+
+
+def produce_backlog(bootstrap: str, topic: str, population: list[Any], seed: int) -> int:
+    """Three days of the population's onboarding on ``topic``, each record stamped with its
+    event's time, as a producer live back then would have (idempotent: in order). Returns
+    how many records were produced."""
+    import time
+
+    import orjson
+    from confluent_kafka import Producer
+
+    from stream_app.contract import parse_timestamp
+    from stream_app.synthetic import interleaved_stream, record_key
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
+    start_ms = int(time.time() * 1000) - 3 * 86_400_000
+    sent = 0
+    for event in interleaved_stream(population, start_ms, seed, arrival_spread_s=86_400):
+        stamp = parse_timestamp(event["timestamp"])
+        producer.produce(topic, key=record_key(event), value=orjson.dumps(event), timestamp=stamp)
+        producer.poll(0)
+        sent += 1
+    producer.flush(60)
+    return sent

@@ -28,15 +28,13 @@ import uuid
 from typing import Any
 
 import orjson
-from common import deploy, isolated_env, machine, write_section
-from confluent_kafka import Producer
+from common import deploy, isolated_env, machine, produce_backlog, write_section
 from rich.console import Console
 from throughput import start_worker
 
-from stream_app.contract import parse_timestamp
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
-from stream_app.synthetic import generate_users, interleaved_stream, record_key
+from stream_app.synthetic import generate_users
 
 SECTION = "## Funnel: live metrics against the report"
 STAGES = ("started", "completed", "dropped")
@@ -70,20 +68,8 @@ def main() -> None:
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
         )
         settings = deploy(env, broker.bootstrap)
-        producer = Producer(
-            {"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True}
-        )
-        start_ms = int(time.time() * 1000) - 3 * 86_400_000
-        sent = 0
         with console.status(f"producing three days of {args.users} users…"):
-            for event in interleaved_stream(population, start_ms, 404, arrival_spread_s=86_400):
-                stamp = parse_timestamp(event["timestamp"])
-                producer.produce(
-                    settings.topic_events, key=record_key(event), value=orjson.dumps(event), timestamp=stamp
-                )
-                producer.poll(0)
-                sent += 1
-            producer.flush(60)
+            sent = produce_backlog(broker.bootstrap, settings.topic_events, population, 404)
         proc, url = start_worker(env)
         try:
             with console.status(f"replaying {sent} events…"):

@@ -19,6 +19,7 @@ from stream_app.contract import iso_ms
 from stream_app.store.bandit import RedisBanditStore
 from stream_app.store.keys import Keys
 from stream_app.triggers.bandit import ArmStats
+from tests.unit.test_runtime import BANDIT_TRIGGERS
 
 from .conftest import CollectorHandle, Deployment, wait_until
 from .test_collector import basic
@@ -96,19 +97,6 @@ def test_reported_outcomes_count_once_per_trigger_through_kafka_and_the_collecto
     assert shown_b["opened_rate"] == 1.0 and plain["dismissed_rate"] == 1.0
 
 
-BANDIT = """
-[onboarding_completed]
-holdout = 0.0
-policy = "bandit"
-[[onboarding_completed.actions]]
-action = { kind = "email" }
-[[onboarding_completed.variants]]
-name = "plain"
-[[onboarding_completed.variants]]
-name = "fancy"
-"""
-
-
 def test_a_bandit_counts_each_trigger_and_each_click_once_across_a_crash(
     deployment: Deployment, worker_factory: Any, tmp_path: Any
 ) -> None:
@@ -116,7 +104,7 @@ def test_a_bandit_counts_each_trigger_and_each_click_once_across_a_crash(
     SIGKILL right after the clicks were counted (the restarted worker reads again what was not
     committed yet, and the outbox of any profile not marked published is sent again)."""
     config = tmp_path / "triggers.toml"
-    config.write_text(BANDIT)
+    config.write_text(BANDIT_TRIGGERS)
     deployment.env.update(TRIGGERS_FILE=str(config), BASELINE_REFRESH_SECONDS="0.2")
     first = worker_factory().start()
     now = int(time.time() * 1000)

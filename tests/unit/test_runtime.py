@@ -69,13 +69,14 @@ async def test_a_bandit_counts_the_trigger_it_sent_and_the_click_reported_back_o
     path = tmp_path / "triggers.toml"
     path.write_text(BANDIT_TRIGGERS)
     settings = Settings(triggers_file=path)
-    sinks, stores = Sinks.in_memory(), Stores(settings, in_memory=True)
+    triggers = MemorySink()  # what a notification service would read
+    sinks = Sinks(MemorySink(), MemorySink(), triggers, MemorySink())
+    stores = Stores(settings, in_memory=True)
     runtime = Runtime(settings, sinks, stores)
     done = _record(0, {"messageId": "c1", "event": "Onboarding Completed", "properties": {"flow": "signup"}})
     await runtime.batches.handle([done])
     await runtime.batches.handle([done])  # redelivered
-    assert isinstance(sinks.triggers, MemorySink)
-    (trigger,) = {t["trigger_id"]: t for t in sinks.triggers.values}.values()
+    (trigger,) = {t["trigger_id"]: t for t in triggers.values}.values()
     assert trigger["policy"] == {"kind": "bandit", "context": "all"} and trigger["variant"] in (
         "plain",
         "fancy",
