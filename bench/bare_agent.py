@@ -8,6 +8,7 @@ Usage: python bench/bare_agent.py BOOTSTRAP TOPIC N APP_ID
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 
@@ -32,14 +33,19 @@ app = faust.App(
     datadir=f"/tmp/stream-app-bench/{app_id}",
 )
 topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
-state = {"n": 0, "first": 0.0}
+state = {"n": 0, "first": 0.0, "cpu": 0.0}
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @app.agent(topic, concurrency=1)
 async def decode(stream):  # type: ignore[no-untyped-def]
     async for batch in stream.take(2000, within=0.05):
         if not state["n"]:
-            state["first"] = time.perf_counter()
+            state["first"], state["cpu"] = time.perf_counter(), cpu()
         for value in batch:
             orjson.loads(value)
         state["n"] += len(batch)
@@ -47,7 +53,12 @@ async def decode(stream):  # type: ignore[no-untyped-def]
             elapsed = time.perf_counter() - state["first"]
             print(
                 orjson.dumps(
-                    {"events": state["n"], "seconds": elapsed, "rate": state["n"] / elapsed}
+                    {
+                        "events": state["n"],
+                        "seconds": elapsed,
+                        "rate": state["n"] / elapsed,
+                        "cpu_s": cpu() - state["cpu"],
+                    }
                 ).decode(),
                 flush=True,
             )

@@ -39,6 +39,22 @@ def machine() -> str:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(url: str) -> float:
+    """The Redis server's user + system CPU time so far (INFO cpu)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    info = client.info("cpu")
+    client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def write_section(section: str, text: str) -> None:
     """Replace (or append) the section starting with heading ``section`` in RESULTS.md."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"

@@ -17,9 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import flame
 import orjson
 import redis
-from common import machine, write_section
+from common import cpu_seconds, machine, redis_cpu_seconds, write_section
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
@@ -87,8 +88,12 @@ def processed(metrics: dict[str, Any]) -> float:
     return total(metrics, "onboarding_events_consumed_total")
 
 
-def run_worker(env: dict[str, str], n: int) -> dict[str, float]:
+def run_worker(env: dict[str, str], n: int, profile: Path | None = None) -> dict[str, float]:
+    """One worker from the start of the topic to its ``n``-th event. Progress is scraped every
+    0.25 s until the first batch, then every second (a scrape costs the worker CPU: at 4 Hz
+    ~5 % of it); the run ends at the worker's own ``onboarding_last_batch_timestamp_seconds``."""
     proc, url = start_worker(env)
+    sampler = flame.record(proc.pid, profile) if profile is not None else None
     first = None
     with Progress(
         TextColumn("full worker"),
@@ -101,26 +106,47 @@ def run_worker(env: dict[str, str], n: int) -> dict[str, float]:
         while True:
             m = scrape(url + "/metrics")
             done = processed(m)
-            now = time.perf_counter()
             if first is None and done > 0:
-                first = (now, done)
+                first = (time.time(), done)
+                cpu0, redis0 = cpu_seconds(proc.pid), redis_cpu_seconds(env["REDIS_URL"])
             progress.update(task, completed=done)
             if done >= n:
+                cpu1, redis1 = cpu_seconds(proc.pid), redis_cpu_seconds(env["REDIS_URL"])
                 break
-            time.sleep(0.25)
+            time.sleep(0.25 if first is None else 1.0)
+    if sampler is not None:
+        flame.stop(sampler)
     proc.terminate()
     proc.wait(20)
     assert first is not None
-    elapsed = now - first[0]
+    elapsed = total(m, "onboarding_last_batch_timestamp_seconds") - first[0]
     return {
         "events": n - first[1],
         "seconds": elapsed,
+        "cpu_s": cpu1 - cpu0,
+        "redis_cpu_s": redis1 - redis0,
         "rate": (n - first[1]) / elapsed,
         "batch_p50_s": histogram_quantile(m, "onboarding_batch_processing_seconds", 0.5) or 0.0,
         "batch_size_p50": histogram_quantile(m, "onboarding_batch_size_events", 0.5) or 0.0,
         "batches": total(m, "onboarding_batch_size_events_count"),
         "busy_s": total(m, "onboarding_batch_processing_seconds_sum"),
         "redis_load_p50_s": histogram_quantile(m, "onboarding_redis_seconds", 0.5) or 0.0,
+        "outputs": sum(
+            total(m, name)
+            for name in (
+                "onboarding_segment_changes_total",
+                "onboarding_triggers_emitted_total",
+                "onboarding_dead_letters_published_total",
+            )
+        ),
+        **{
+            f"phase_{phase}_s": total(m, "onboarding_batch_phase_seconds_sum", phase=phase)
+            for phase in ("process", "publish", "segments_and_samples", "deadlines")
+        },
+        **{
+            f"redis_{labels['operation']}_s": value
+            for labels, value in m.get("onboarding_redis_seconds_sum", [])
+        },
     }
 
 
@@ -195,32 +221,49 @@ def write_results(text: str) -> None:
     write_section(SECTION, text)
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median rate (its other figures kept together with it)."""
+    return sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--quick", action="store_true", help="30k events, 15 s latency run")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="bare/worker pairs, alternated; medians reported (default 3)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the first worker run with py-spy (flame summary)"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args()
+    if args.profile and not flame.available():
+        parser.error("--profile needs py-spy (pip install py-spy)")
     n = 30_000 if args.quick else args.events
     users = max(500, n // 45)
     console.print(f"generating {n} events for {users} simulated users…")
     stream = interleaved_stream(generate_users(users, seed=42), 1_795_000_000_000, seed=42)
     events = [e for _, e in zip(range(n), stream, strict=False)]
     n = len(events)
+    profile_path = Path(f"/tmp/stream-app-bench/worker-{os.getpid()}.flame") if args.profile else None
+    if profile_path is not None:
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+    bares: list[dict[str, float]] = []
+    fulls: list[dict[str, float]] = []
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         topic = "bench.events"
         make_topic(broker.bootstrap, topic)
         produce_s = pre_produce(broker.bootstrap, topic, events)
         console.print(f"pre-produced {n} events in {produce_s:.1f} s")
-        bare = run_bare(broker.bootstrap, topic, n)
-        console.print(f"bare Faust agent: {bare['rate']:.0f} events/s")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
-        env.update(
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
+        base_env.update(
             KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
             REDIS_URL=redis_server.url,
             TOPIC_EVENTS=topic,
-            APP_ID=f"bench-{uuid.uuid4().hex[:6]}",
             LOG_LEVEL="WARNING",
-            REDIS_KEY_PREFIX="bench",
             PII_HASH_SALT="bench-salt",
         )
         from stream_app.settings import Settings
@@ -229,52 +272,105 @@ def main() -> None:
         apply_topics(
             Settings.load(kafka_bootstrap_servers=broker.bootstrap, topic_events=topic), broker.bootstrap
         )
-        before = float(redis.Redis.from_url(redis_server.url).info("memory")["used_memory"])
-        full = run_worker(env, n)
-        console.print(f"full worker: {full['rate']:.0f} events/s")
-        mem = memory(redis_server.url, "bench")
+        mem: dict[str, float] = {}
+        before = 0.0
+        for i in range(args.repeat):
+            bares.append(run_bare(broker.bootstrap, topic, n))
+            console.print(f"[{i + 1}/{args.repeat}] bare Faust agent: {bares[-1]['rate']:.0f} events/s")
+            # a fresh group and key prefix: each worker run starts from empty profiles
+            env = {**base_env, "APP_ID": f"bench-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": f"bench{i}"}
+            if i == 0:
+                before = float(redis.Redis.from_url(redis_server.url).info("memory")["used_memory"])
+            fulls.append(run_worker(env, n, profile_path if i == 0 else None))
+            console.print(f"[{i + 1}/{args.repeat}] full worker: {fulls[-1]['rate']:.0f} events/s")
+            if i == 0:
+                mem = memory(redis_server.url, "bench0")
+        bare, full = median_run(bares), median_run(fulls)
         half = full["rate"] / 2
-        lat = latency_at(broker.bootstrap, env, half, 15 if args.quick else 30)
+        lat = latency_at(broker.bootstrap, {**base_env, "APP_ID": "lat"}, half, 15 if args.quick else 30)
     per_profile = (mem["used_memory"] - before) / max(1, mem["profiles"])
     ratio = full["rate"] / bare["rate"]
+    worker_runs = " · ".join(f"{f['rate']:.0f}" for f in fulls)
+    ratios = " · ".join(f"{f['rate'] / b['rate']:.0%}" for b, f in zip(bares, fulls, strict=True))
     today = time.strftime("%Y-%m-%d")
     batch_row = (
         f"{full['batches']:.0f} / {full['batch_size_p50']:.0f} events / {full['batch_p50_s'] * 1000:.0f} ms"
     )
+    phases = " · ".join(
+        f"{phase} {full[f'phase_{phase}_s']:.1f} s"
+        for phase in ("process", "publish", "segments_and_samples", "deadlines")
+    )
+    cpu_row = (
+        f"{bare['cpu_s'] / bare['events'] * 1e6:.0f} µs / {full['cpu_s'] / full['events'] * 1e6:.0f} µs / "
+        f"{full['redis_cpu_s'] / full['events'] * 1e6:.0f} µs"
+    )
+    repeat = f" --repeat {args.repeat}" if args.repeat != 3 else ""
+    command = f"python bench/throughput.py{' --quick' if args.quick else f' --events {n}'}{repeat}"
     text = f"""{SECTION}
 
-Run: `python bench/throughput.py{" --quick" if args.quick else f" --events {n}"}` on {today}.
+Run: `{command}{" --profile" if args.profile else ""}` on {today}.
 Machine: {machine()}.
 
 | measurement | value |
 |---|---|
 | events (synthetic stream, {users} users, 8 partitions) | {n} |
-| bare Faust agent (`take(2000, within=0.05)`, orjson decode only) | **{bare["rate"]:.0f} events/s** |
+| bare Faust agent (`take(2000, within=0.05)`, orjson decode only), median of {args.repeat} | \
+**{bare["rate"]:.0f} events/s** (runs: {" · ".join(f"{b['rate']:.0f}" for b in bares)}) |
 | full worker (validate, dedup, identity, profile CAS write, DLQ, segments, clusters, triggers, \
-deadlines) | **{full["rate"]:.0f} events/s** |
-| full / bare | **{ratio:.0%}** (target ≥ 70%) |
+deadlines), median of {args.repeat} | **{full["rate"]:.0f} events/s** (runs: {worker_runs}) |
+| full / bare (medians) | **{ratio:.0%}** (target ≥ 70%; pair by pair: {ratios}) |
+| CPU per event: bare agent / worker / Redis (median runs) | {cpu_row} |
 | worker batches: count / size p50 / processing time p50 | {batch_row} |
 | time inside batch processing / wall time of the run | {full["busy_s"]:.1f} s / {full["seconds"]:.1f} s |
-| Redis memory per profile (used_memory delta / profiles) | **{per_profile:.0f} bytes** |
+| batch phases (sums; wall time, other tasks run in their awaits) | {phases} |
+| output messages (segment changes, triggers, dead letters) | {full["outputs"]:.0f} |
+| Redis memory per profile (used_memory delta / profiles; first run) | **{per_profile:.0f} bytes** |
 | of which: profile hash (MEMORY USAGE, mean of 200) | {mem["profile_key_bytes"]:.0f} bytes |
 | of which: dedup set of applied messageIds (mean of 200) | {mem["seen_key_bytes"]:.0f} bytes |
 | profiles / linked-id tombstones | {mem["profiles"]:.0f} / {mem["tombstones"]:.0f} |
 | event-to-profile latency at {half:.0f} events/s (half the max), p50 | **{lat["p50_s"] * 1000:.0f} ms** |
 | same, p99 | **{lat["p99_s"] * 1000:.0f} ms** |
-
+{flame_text(profile_path)}
 Method. One process each, same broker and topic: the bare agent and the worker read the
-same pre-produced events from the start under fresh consumer groups; rates run from the
-first processed batch to the last event (the ~5 s group join is excluded). The worker's
-progress is its own `onboarding_events_consumed_total`, scraped every 0.25 s. Memory is
-Redis `used_memory` after the run minus before, divided by the number of profiles
-(linked anonymous ids leave a small tombstone each, included in the delta). Latency:
-a fresh worker on an empty topic, events produced live at half the measured maximum
-for {15 if args.quick else 30} s with `timestamp` = send time; p50/p99 are interpolated
-inside the buckets of the worker's `{LATENCY}` histogram (increase over the run), so
-they are as precise as the bucket bounds (5, 10, 25, 50, 75, 100, 150, 200, 300, 500 ms…).
+same pre-produced events from the start under fresh consumer groups, alternated
+{args.repeat} times (bare, worker, bare, worker, …; every worker run on a fresh key prefix,
+so each starts from empty profiles); the medians are compared. Rates run from the first
+processed batch to the last (the ~5 s group join is excluded). The worker's progress is its
+own `onboarding_events_consumed_total`, scraped every 0.25 s until its first batch, then
+every second; the end is its `onboarding_last_batch_timestamp_seconds`. CPU per event is the
+process's user + system time over the same span (all its threads; `/proc` for the worker,
+`getrusage` in the bare agent) and Redis' `used_cpu_user + used_cpu_sys`: on this shared VM
+it varies less between runs than the rates do. Memory is Redis `used_memory` after the first
+worker run minus before, divided by the number of profiles (linked anonymous ids leave a
+small tombstone each, included in the delta). Latency: a fresh worker on an empty topic,
+events produced live at half the measured maximum for {15 if args.quick else 30} s with
+`timestamp` = send time; p50/p99 are interpolated inside the buckets of the worker's
+`{LATENCY}` histogram (increase over the run), so they are as precise as the bucket bounds
+(5, 10, 25, 50, 75, 100, 150, 200, 300, 500 ms…).
 """
-    write_results(text)
+    if not args.no_write:
+        write_results(text)
     console.print(text)
+
+
+def flame_text(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return ""
+    summary = flame.summary(path)
+    shares = "\n".join(f"| {role} | {share:.1%} |" for role, share in summary.area_shares().items())
+    return f"""
+Where the worker's CPU went (py-spy, {summary.samples} samples at 97 Hz over the first worker
+run; `bench/flame.py` sorts each sample by what is on its stack; CPython 3.11's async stacks
+are sometimes cut short, those land in "event loop" or "other"):
+
+| part | share of samples |
+|---|---|
+{shares}
+
+Functions most on the stack (own = at the top of it):
+
+{summary.table(12)}
+"""
 
 
 if __name__ == "__main__":

@@ -150,6 +150,25 @@ def _idempotent_producer() -> None:
     producer._stream_app_idempotent = True  # type: ignore[attr-defined]
 
 
+class ProducerSink:
+    """An output topic written through the app's producer (Faust's aiokafka producer: its
+    acks, idempotence and credentials), not through ``Topic.send``.
+
+    ``Topic.send`` wraps every record in Faust's message, callback and sensor machinery:
+    ~285 us of CPU per record on our bench machine against ~45 us for the producer's own
+    ``send`` (``bench/producer.py``); both return a future resolved by the broker's ack, and
+    both partition by the key with the same default partitioner."""
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app, self.topic = app, topic
+
+    async def send(
+        self, *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> Any:
+        producer = await self.app.maybe_start_producer()
+        return await producer.send(self.topic, key, value, None, None, headers)
+
+
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     """The Faust app with its agent, views and timers registered, and the runtime they drive."""
     bootstrap, _ = settings.require_services()
@@ -192,7 +211,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     def topic(role: str) -> Any:
         return app.topic(stores.topics[role].name, key_serializer="raw", value_serializer="raw")
 
-    sinks = Sinks(topic("dlq"), topic("segments"), topic("triggers"), topic("triggers_holdout"))
+    def sink(role: str) -> ProducerSink:
+        return ProducerSink(app, stores.topics[role].name)
+
+    sinks = Sinks(sink("dlq"), sink("segments"), sink("triggers"), sink("triggers_holdout"))
     events_topic = topic("events")
     events_name = stores.topics["events"].name
 

@@ -233,7 +233,10 @@ class Runtime:
     async def _forget(self, profile_ids: list[str]) -> None:
         """Erasure: the users' deadlines, members, training vectors and adoption orders go with
         their profiles."""
-        await self.stores.deadlines.remove_users(profile_ids, range(self.timer.partitions))
+        # every partition the topic is declared with, and any beyond it this worker was given
+        # (partitions raised on the broker without the topics file)
+        partitions = max(self.timer.partitions, max(self.timer.owned, default=-1) + 1)
+        await self.stores.deadlines.remove_users(profile_ids, range(partitions))
         await self.clusters.forget(profile_ids)
         await self.recommender.forget(profile_ids)
 

@@ -123,3 +123,17 @@ async def test_the_live_funnel_counts_starts_completions_and_times_per_group() -
     groups = {s.labels["group"] for m in runtime.metrics.registry.collect() for s in m.samples
               if s.name == "onboarding_funnel_steps_total"}  # fmt: skip
     assert "all" in groups and all(g == "all" or g.startswith(("segment:", "cluster:")) for g in groups)
+
+
+async def test_erasure_clears_deadlines_in_partitions_beyond_the_topics_file() -> None:
+    """Partitions raised on the broker (not in topics.toml) reach this worker too: an erased
+    user's deadlines go from those as well as from the declared ones."""
+    stores = Stores(Settings(), in_memory=True)
+    runtime = Runtime(Settings(), Sinks.in_memory(), stores)
+    declared = runtime.timer.partitions
+    runtime.timer.owned = {declared + 3}  # a partition the file does not know of
+    await stores.deadlines.schedule(declared + 3, {"gone": 1_000, "kept": 2_000})
+    await stores.deadlines.schedule(0, {"gone": 1_500})
+    await runtime._forget(["gone"])
+    assert await stores.deadlines.due(declared + 3, 10_000, 10) == [("kept", 2_000)]
+    assert await stores.deadlines.due(0, 10_000, 10) == []
