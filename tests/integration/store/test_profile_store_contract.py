@@ -165,3 +165,19 @@ async def test_compression_can_be_switched_off_and_either_form_reads(fresh_redis
     await packed.save([Write("u1", 1, doc)])
     assert (await fresh_redis.hget(Keys("c").profile("u1"), "d"))[:1] != b"{"
     assert await plain.get("u1") == doc
+
+
+async def test_on_the_redis_we_run_a_profile_and_its_dedup_set_stay_compact(private_redis_url: str) -> None:
+    """The embedded Redis (and docker-compose) is configured for the engine's data: a profile
+    hash keeps its deflated document in a listpack, a dedup set of 300 ids stays a listpack."""
+    client = aioredis.Redis.from_url(private_redis_url)
+    await client.flushdb()
+    keys = Keys("compact")
+    store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=3600)
+    doc = new_profile("u1")
+    doc["features"] = {f"feature-{i}": i for i in range(60)}
+    await store.save([Write("u1", 0, doc, [f"m{i}" for i in range(300)])])
+    assert len(await client.hget(keys.profile("u1"), "d") or b"") > 64  # past Redis' default
+    assert await client.object("encoding", keys.profile("u1")) in (b"listpack", b"ziplist")
+    assert await client.object("encoding", keys.seen_digests("u1")) in (b"listpack", b"ziplist")
+    await client.aclose()
