@@ -42,6 +42,14 @@ def main() -> None:
     )
     parser.add_argument("--users", type=int, default=2000, help="synthetic users (default 2000)")
     parser.add_argument("--label", default="", help="what this run measures (a row label)")
+    parser.add_argument(
+        "--idle-after",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="run with DEDUP_WINDOW_SECONDS=SECONDS, then wait that long with no traffic and "
+        "measure again: what an idle user costs (the row's idle column)",
+    )
     args = parser.parse_args()
     population = generate_users(args.users, 505)
     tag = f"mm{uuid.uuid4().hex[:6]}"
@@ -49,6 +57,8 @@ def main() -> None:
         env = isolated_env(
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
         )
+        if args.idle_after:
+            env["DEDUP_WINDOW_SECONDS"] = str(args.idle_after)
         settings = deploy(env, broker.bootstrap)
         client = redis.Redis.from_url(redis_server.url)
         before = int(client.info("memory")["used_memory"])
@@ -74,6 +84,13 @@ def main() -> None:
             proc.wait(30)
         used = int(client.info("memory")["used_memory"]) - before
         kinds = redis_memory_by_kind(redis_server.url, tag)
+        idle = None
+        if args.idle_after:
+            with console.status(f"idle for {args.idle_after + 5} s (the dedup window, and some)…"):
+                time.sleep(args.idle_after + 5)
+                for key in client.scan_iter(f"{tag}:*", count=2000):
+                    client.ttl(key)  # expire what is due now rather than by Redis' sampling
+            idle = int(client.info("memory")["used_memory"]) - before
         profiles = tombstones = 0
         doc_bytes = 0
         for key in client.scan_iter(f"{tag}:p:*", count=2000):
@@ -84,7 +101,7 @@ def main() -> None:
             else:
                 profiles += 1
         client.close()
-    report(args, sent, used, profiles, tombstones, doc_bytes, kinds)
+    report(args, sent, used, profiles, tombstones, doc_bytes, kinds, idle)
 
 
 def report(
@@ -95,8 +112,10 @@ def report(
     tombstones: int,
     doc_bytes: int,
     kinds: dict[str, tuple[int, int]],
+    idle: int | None = None,
 ) -> None:
     per = used / max(1, profiles)
+    idle_text = f"{idle / max(1, profiles):.0f}" if idle is not None else "-"
     table = Table(title=f"Redis per profile: {per:.0f} bytes ({profiles} profiles, {tombstones} tombstones)")
     for column in ("kind", "keys", "bytes", "bytes per profile"):
         table.add_column(column, justify="left" if column == "kind" else "right")
@@ -108,7 +127,7 @@ def report(
     )
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {args.label or '-'} | {args.users} / {sent} | **{per:.0f}** "
-        f"| {doc_bytes / max(1, profiles + tombstones):.0f} | {breakdown} |"
+        f"| {idle_text} | {doc_bytes / max(1, profiles + tombstones):.0f} | {breakdown} |"
     )
     head = f"""{SECTION}
 
@@ -118,10 +137,13 @@ divided by the user profiles (each user's linked anonymous id leaves a tombstone
 in the total). By kind: `MEMORY USAGE` of every key of that kind / profiles (p = profile
 hash, seen = dedup set, stepstats-applied = the step statistics' dedup, members / deadlines /
 watermark = the timer's indexes, cluster-* / reco-* = the shared models' sample sets).
+Idle (`--idle-after S`): the same, after S seconds with no traffic, the run's dedup window
+being S seconds (what a user costs once their last event is older than the window).
 Target (issue 12): ≤ 2,048 bytes.
 
-| date | change | users / events | bytes per profile | stored doc, mean B | by kind (bytes per profile) |
-|---|---|---|---|---|---|
+| date | change | users / events | bytes per profile | idle | stored doc, mean B | \
+by kind (bytes per profile) |
+|---|---|---|---|---|---|---|
 """
     text = RESULTS.read_text()
     if SECTION in text:

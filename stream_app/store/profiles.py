@@ -5,8 +5,9 @@ A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the d
 the bytes of a typical profile, :mod:`stream_app.store.docpack`). The applied messageIds
 live in the sorted set ``{prefix}:sd:{user}`` as 64-bit digests (8 bytes instead of a
 36-character UUID; a collision between two of one user's ids within the dedup window has
-odds of ~1e-16), scored by the second they were applied; same hash tag, so one Lua script
-updates both, also on Redis Cluster. Sets of full messageIds written before
+odds of ~1e-16), scored by the second they were applied, kept for DEDUP_WINDOW_SECONDS after
+the user's last write (an idle user's profile is its document alone); same hash tag, so one
+Lua script updates both, also on Redis Cluster. Sets of full messageIds written before
 (``{prefix}:seen:``) are still checked while they exist (they expire with the dedup
 window). Writes are
 compare-and-set on the version: a write based on a stale read is refused and the
@@ -164,8 +165,11 @@ if n > 0 then
     if #batch >= 200 then redis.call('ZADD', KEYS[2], unpack(batch)); batch = {} end
   end
   if #batch > 0 then redis.call('ZADD', KEYS[2], unpack(batch)) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - math.floor(tonumber(ARGV[5]) / 1000))
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  local window = math.ceil(tonumber(ARGV[5]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  -- the ids' memory outlives the last write by the dedup window, not by the profile's TTL:
+  -- an idle user keeps the document only
+  redis.call('EXPIRE', KEYS[2], window)
 end
 return v + 1
 """

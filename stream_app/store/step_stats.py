@@ -110,6 +110,7 @@ if added > 0 then
   redis.call('HSET', KEYS[1], 'n', n, 'mean', tostring(mean), 'm2', tostring(m2))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])  -- a step nobody completes for a window: no dedup memory
 return added
 """
 

@@ -146,6 +146,16 @@ async def test_redis_keeps_digests_reads_sets_of_full_ids_and_compresses_documen
     assert await store.get("old") == new_profile("old")
 
 
+async def test_an_idle_user_keeps_the_document_and_drops_the_dedup_memory(client: aioredis.Redis) -> None:
+    """Redis only: the digests live a dedup window after the user's last write, the
+    document the profile TTL: an idle user costs its document alone."""
+    keys = Keys("idle")
+    store = RedisProfileStore(client, keys, ttl_seconds=86_400, dedup_window_seconds=600)
+    await store.save([Write("u1", 0, new_profile("u1"), ["m1"])])
+    assert 0 < await client.ttl(keys.seen_digests("u1")) <= 600
+    assert 600 < await client.ttl(keys.profile("u1")) <= 86_400
+
+
 async def test_a_write_can_drop_the_dedup_memory(store: ProfileStore) -> None:
     """A linked id's final tombstone: its events go to the user, whose memory has copies."""
     await store.save([Write("anon", 0, new_profile("anon"), ["m1", "m2"])])

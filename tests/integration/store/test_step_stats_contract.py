@@ -64,3 +64,15 @@ async def test_names_with_separators_are_different_steps(store: StepStatsStore) 
     assert second is not None and second.count == 1 and second.mean_s == 30.0
     rows = {(s.flow, s.step, s.group): s.mean_s for s in await store.all()}
     assert rows == {("a|b", "c", ""): 10.0, ("a", "b|c", ""): 30.0, ("a", "b|c", "cluster:c|1"): 50.0}
+
+
+async def test_the_dedup_memory_of_a_step_expires_a_window_after_its_last_completion(
+    fresh_redis: aioredis.Redis,
+) -> None:
+    """Redis only: the digests guard against folding a redelivered completion twice; a step
+    nobody completes for a dedup window keeps its statistics and drops them."""
+    keys = Keys("ttl")
+    store = RedisStepStatsStore(fresh_redis, keys, dedup_window_seconds=600)
+    await store.add([StepDuration("signup", "email", 12.0, "m1")])
+    assert 0 < await fresh_redis.pttl(keys.step_stats_applied("signup", "email", "")) <= 600_000
+    assert await fresh_redis.ttl(keys.step_stats("signup", "email", "")) == -1  # the statistics stay
