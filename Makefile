@@ -30,7 +30,11 @@ chaos: setup
 	$(BIN)/python bench/chaos.py --seconds 300 --broker kafka
 
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --profile
+	$(BIN)/python bench/pipeline_cost.py
+	$(BIN)/python bench/producer.py
+	$(BIN)/python bench/scaleout.py
+	$(BIN)/python bench/memory.py --label "make bench"
 	$(BIN)/python bench/clustering.py
 	$(BIN)/python bench/triggers.py
 

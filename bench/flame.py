@@ -49,6 +49,9 @@ BATCH_PARTS: tuple[tuple[str, str], ...] = (
     ("deadlines.", "batch: deadlines"),
 )
 
+#: the worker's entry frames: on every stack of the main thread, they say nothing
+ENTRY_POINTS = frozenset({"__main__.<module>", "cli.main", "cli._cmd_worker"})
+
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
 
 
@@ -59,12 +62,18 @@ class Summary:
     inclusive: Counter[str]
     own: Counter[str]
     areas: Counter[str]
+    ours: set[str]  # functions of the engine (stream_app/, agents/)
 
     def table(self, top: int = 15) -> str:
-        """Markdown: the functions most on the stack, with their own share."""
-        rows = ["| function | on the stack | own time |", "|---|---|---|"]
-        for name, count in self.inclusive.most_common(top):
-            rows.append(f"| `{name}` | {count / self.samples:.0%} | {self.own[name] / self.samples:.1%} |")
+        """Markdown: the engine's functions most on the stack, with their own share."""
+        rows = ["| function (engine) | on the stack | own time |", "|---|---|---|"]
+        ranked = [
+            (name, count)
+            for name, count in self.inclusive.most_common()
+            if name in self.ours and name not in ENTRY_POINTS
+        ]
+        for name, count in ranked[:top]:
+            rows.append(f"| `{name}` | {count / self.samples:.1%} | {self.own[name] / self.samples:.1%} |")
         return "\n".join(rows)
 
     def area_shares(self) -> dict[str, float]:
@@ -126,6 +135,7 @@ def summary(path: Path) -> Summary:
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     areas: Counter[str] = Counter()
+    ours: set[str] = set()
     samples = idle = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -138,11 +148,13 @@ def summary(path: Path) -> Summary:
         if not frames:
             idle += count
             continue
-        for name in {name for name, _p in frames}:
+        for name, frame_path in set(frames):
             inclusive[name] += count
+            if "stream_app/" in frame_path or "/agents/" in frame_path:
+                ours.add(name)
         own[frames[-1][0]] += count
         areas[_area(frames)] += count
-    return Summary(samples, idle, inclusive, own, areas)
+    return Summary(samples, idle, inclusive, own, areas, ours)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Issue 12 measurement: Redis bytes per profile, by key kind.
 
-Run: python bench/memory.py [--users N] [--label TEXT]
+Run: python bench/memory.py [--users N] [--label TEXT] [--idle-after SECONDS]
 
 One worker on the embedded broker and a private redis-server, default settings. The
 synthetic stream of N users (their whole onboarding and first weeks, ~43 events each,

@@ -1,8 +1,10 @@
 """Issue 2 benchmark: full worker vs a bare Faust agent, memory per profile, latency at half rate.
 
-Run: python bench/throughput.py [--events N] [--quick]
-Everything runs in one go on an embedded Tansu broker and a private redis-server, and
-the results replace the "Foundation" section of bench/RESULTS.md.
+Run: python bench/throughput.py [--events N] [--quick] [--repeat R] [--profile] [--no-write]
+Everything runs in one go on an embedded Tansu broker and a private redis-server: the bare
+agent and the worker alternate R times (default 3) on the same events and their medians are
+compared, with CPU per event of each and of Redis; ``--profile`` samples the first worker
+run with py-spy. The results replace the "Foundation" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
