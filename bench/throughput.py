@@ -341,8 +341,8 @@ processed batch to the last (the ~5 s group join is excluded). The worker's prog
 own `onboarding_events_consumed_total`, scraped every 0.25 s until its first batch, then
 every second; the end is its `onboarding_last_batch_timestamp_seconds`. CPU per event is the
 process's user + system time over the same span (all its threads; `/proc` for the worker,
-`getrusage` in the bare agent) and Redis' `used_cpu_user + used_cpu_sys`: on this shared VM
-it varies less between runs than the rates do. Memory is Redis `used_memory` after the first
+`getrusage` in the bare agent) and Redis' `used_cpu_user + used_cpu_sys` (on a shared VM
+it varies between runs too, by up to ~30 %). Memory is Redis `used_memory` after the first
 worker run minus before, divided by the number of profiles (linked anonymous ids leave a
 small tombstone each, included in the delta). Latency: a fresh worker on an empty topic,
 events produced live at half the measured maximum for {15 if args.quick else 30} s with
