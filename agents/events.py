@@ -4,15 +4,25 @@ Concurrency stays 1 (faust-streaming #606: with more, a commit can skip an in-fl
 message; per-user order needs one consumer per partition anyway).
 
 Batches come from ``noack_take`` and are acked by hand, after ``handle_batch`` has
-written their effects. That lets batch N be processed while Faust buffers batch N+1
+written their effects. That lets batch N be processed while Faust buffers the next records
 (``take``/``take_events`` stop intake during processing, which cost a third of the
 throughput): at most one batch is in flight, batches are processed strictly in order,
 and acks go in offset order, so a commit never passes an unprocessed record.
+
+Batches adapt to the load. What Faust hands over while a batch is in flight waits in
+``pending`` and goes into the next batch, up to BATCH_MAX_EVENTS. While the owned
+partitions hold at least a full batch more than is processed (``backlog``: a restart, a
+deploy on a backlog, a burst), the next batch waits up to BACKLOG_FILL_SECONDS to fill:
+a full batch costs ~40 % less per event on Redis (a user's events folded into one write;
+bench/pipeline_cost.py). Live traffic is never behind by a batch, so it keeps batches of
+BATCH_WINDOW_SECONDS (latency). Intake pauses only while ``pending`` holds a full batch,
+and only until the batch in flight has taken it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,6 +32,13 @@ from stream_app.pipeline import Record
 from stream_app.settings import Settings
 
 BatchHandler = Callable[[list[Record]], Awaitable[object]]
+
+#: the longest a batch waits to fill while the worker is behind (once per backlog's tail)
+BACKLOG_FILL_SECONDS = 1.0
+
+
+def _no_backlog() -> int:
+    return 0
 
 
 def to_records(events: Sequence[Any]) -> list[Record]:
@@ -34,7 +51,15 @@ def to_records(events: Sequence[Any]) -> list[Record]:
     return records
 
 
-def register(app: faust.App, events_topic: Any, handle: BatchHandler, settings: Settings) -> None:
+def register(
+    app: faust.App,
+    events_topic: Any,
+    handle: BatchHandler,
+    settings: Settings,
+    backlog: Callable[[], int] = _no_backlog,
+) -> None:
+    """``backlog``: records of the owned partitions not processed yet (0 when not known)."""
+
     @app.agent(events_topic, concurrency=1, name="profiles")
     async def update_profiles(stream: Any) -> None:
         async def process_then_ack(events: Sequence[Any]) -> None:
@@ -42,14 +67,41 @@ def register(app: faust.App, events_topic: Any, handle: BatchHandler, settings: 
             for event in events:
                 await stream.ack(event)
 
+        size = settings.batch_max_events
+        pending: list[Any] = []  # handed over by Faust, not in a batch yet (in offset order)
+        full = asyncio.Event()  # pending holds a full batch
+        room = asyncio.Event()  # pending has room again (the batch in flight took its share)
+
+        async def drain() -> None:
+            """Batches of what is pending, in order, until nothing is. Between the last
+            check of ``pending`` and the return there is no await: a record handed over
+            meanwhile finds this drain done and starts the next one."""
+            while pending:
+                if len(pending) < size and backlog() >= size:
+                    full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(full.wait(), BACKLOG_FILL_SECONDS)
+                batch = pending[:size]
+                del pending[:size]
+                if len(pending) < size:
+                    room.set()
+                await process_then_ack(batch)
+
         in_flight: asyncio.Task[None] | None = None
         try:
-            async for events in stream.noack_take(
-                settings.batch_max_events, within=settings.batch_window_seconds
-            ):
-                if in_flight is not None:
-                    await in_flight  # one batch at a time, in order
-                in_flight = asyncio.ensure_future(process_then_ack(list(events)))
+            async for events in stream.noack_take(size, within=settings.batch_window_seconds):
+                pending.extend(events)
+                if len(pending) >= size:
+                    full.set()
+                while in_flight is not None and not in_flight.done() and len(pending) >= size:
+                    room.clear()  # a full batch waits: pause intake until the drain takes it
+                    waiter = asyncio.ensure_future(room.wait())
+                    await asyncio.wait([in_flight, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                if in_flight is None or in_flight.done():
+                    if in_flight is not None:
+                        in_flight.result()  # a failed batch stops the agent here, as it always did
+                    in_flight = asyncio.ensure_future(drain())
             if in_flight is not None:
                 await in_flight
         finally:

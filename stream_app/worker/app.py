@@ -244,7 +244,21 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             die(str(exc))  # a restart would find the same: it exits with the same message
             raise
 
-    events.register(app, events_topic, handle, settings)
+    def backlog() -> int:
+        """Records of the owned events partitions not processed yet (0 for a partition whose
+        log end is not known yet)."""
+        behind = 0
+        for partition in list(runtime.timer.owned):
+            try:
+                highwater = app.consumer.highwater(faust.types.TP(events_name, partition))
+            except Exception:  # not fetched yet
+                continue
+            position = runtime.batches.position(partition, committed(partition))
+            if highwater is not None and position is not None:
+                behind += max(0, int(highwater) - position)
+        return behind
+
+    events.register(app, events_topic, handle, settings, backlog)
     health = Health(runtime, settings)
     web.register(app, runtime.reader, runtime.metrics.registry, health, tokens)
     lag = LagTracker()
