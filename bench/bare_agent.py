@@ -8,12 +8,12 @@ Usage: python bench/bare_agent.py BOOTSTRAP TOPIC N APP_ID
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 
 import faust
 import orjson
+from common import own_cpu_seconds
 
 from stream_app.worker.app import _set_fetch_max_wait
 
@@ -36,16 +36,11 @@ topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
 state = {"n": 0, "first": 0.0, "cpu": 0.0}
 
 
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 @app.agent(topic, concurrency=1)
 async def decode(stream):  # type: ignore[no-untyped-def]
     async for batch in stream.take(2000, within=0.05):
         if not state["n"]:
-            state["first"], state["cpu"] = time.perf_counter(), cpu()
+            state["first"], state["cpu"] = time.perf_counter(), own_cpu_seconds()
         for value in batch:
             orjson.loads(value)
         state["n"] += len(batch)
@@ -57,7 +52,7 @@ async def decode(stream):  # type: ignore[no-untyped-def]
                         "events": state["n"],
                         "seconds": elapsed,
                         "rate": state["n"] / elapsed,
-                        "cpu_s": cpu() - state["cpu"],
+                        "cpu_s": own_cpu_seconds() - state["cpu"],
                     }
                 ).decode(),
                 flush=True,

@@ -55,7 +55,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import isolated_env, machine, redis_memory_by_kind, write_section
+from common import cpu_seconds, isolated_env, machine, redis_memory_by_kind, write_section
 
 from stream_app.contract import iso_ms, parse_timestamp
 from stream_app.demo.services import EngineProcess, collector_ready, worker_ready
@@ -634,10 +634,9 @@ class Soak:
     def cpu_share(self, pid: int) -> float:
         """Share of one core ``pid`` used since the previous sample (0 the first time)."""
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            used = cpu_seconds(pid)
         except OSError:
             return 0.0
-        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         now = time.monotonic()
         before = self._cpu.get(pid)
         self._cpu[pid] = (used, now)

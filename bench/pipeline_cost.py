@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import orjson
-from common import machine, write_section
+from common import machine, own_cpu_seconds, write_section
 from rich.console import Console
 
 from stream_app.embedded import EmbeddedRedis
@@ -39,11 +38,6 @@ from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
 SECTION = "## Pipeline cost: CPU per event without Kafka (issue 12)"
 console = Console()
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def one_run(events: int, batch: int, redis_url: str | None) -> float:
@@ -68,10 +62,10 @@ async def one_run(events: int, batch: int, redis_url: str | None) -> float:
         Record(orjson.dumps(e), record_key(e), "events", hash(record_key(e)) % 8, i, None)
         for i, e in enumerate(values)
     ]
-    c0 = cpu()
+    c0 = own_cpu_seconds()
     for start in range(0, len(records), batch):
         await runtime.batches.handle(records[start : start + batch])
-    spent = cpu() - c0
+    spent = own_cpu_seconds() - c0
     await runtime.close()
     return spent / len(records) * 1e6
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import faust
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
-from common import machine, write_section
+from common import machine, own_cpu_seconds, write_section
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
@@ -41,11 +40,6 @@ SECTION = "## Output messages: cost per message by way of sending (issue 12)"
 CHUNK = 250
 WAYS = ("Topic.send", "app.producer.send", "aiokafka send", "aiokafka batch")
 console = Console()
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def messages(n: int) -> list[tuple[bytes, bytes]]:
@@ -128,10 +122,10 @@ def main() -> None:
             results: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
             for _round in range(args.rounds):
                 for way in WAYS:
-                    c0, t0 = cpu(), time.perf_counter()
+                    c0, t0 = own_cpu_seconds(), time.perf_counter()
                     for start in range(0, len(data), CHUNK):
                         await send_chunk(way, app, topic, "bench.out", data[start : start + CHUNK])
-                    results[way].append((time.perf_counter() - t0, cpu() - c0))
+                    results[way].append((time.perf_counter() - t0, own_cpu_seconds() - c0))
             out_file.write_bytes(orjson.dumps(results))
             os._exit(0)
 

@@ -30,7 +30,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stream_app.demo.services import EngineProcess, worker_ready
+from stream_app.demo.services import EngineProcess, get_json, worker_ready
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
@@ -77,7 +77,7 @@ def run_layout(
         # every worker owns partitions and the group is settled: no rebalance mid-run
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            owned = [len(orjson.loads(_get(p.url + "/healthz")).get("partitions") or []) for p in procs]
+            owned = [len((get_json(p.url + "/healthz") or {}).get("partitions") or []) for p in procs]
             if sum(owned) == partitions and all(owned):
                 break
             time.sleep(0.5)
@@ -131,13 +131,6 @@ def run_layout(
                 proc.proc.wait(30)
 
 
-def _get(url: str) -> bytes:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return bytes(resp.read())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,7 +139,12 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x8,2x8,8x32", help="WORKERSxPARTITIONS, comma-separated")
     parser.add_argument("--repeat", type=int, default=2, help="runs per layout, alternated; medians")
     args = parser.parse_args()
-    layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",")]
+    try:
+        layouts = [(int(w), int(p)) for w, p in (item.split("x") for item in args.layouts.split(","))]
+    except ValueError:
+        parser.error(f"--layouts: {args.layouts!r} is not WORKERSxPARTITIONS[,...] (e.g. 1x8,2x8)")
+    if any(w < 1 or p < w for w, p in layouts):
+        parser.error("--layouts: every layout needs at least one worker and a partition per worker")
     users = max(500, args.events // 45)
     console.print(f"generating {args.events} events for {users} simulated users…")
     stream = interleaved_stream(generate_users(users, seed=42), 1_795_000_000_000, seed=42)

@@ -161,12 +161,14 @@ class ProducerSink:
 
     def __init__(self, app: faust.App, topic: str) -> None:
         self.app, self.topic = app, topic
+        self.producer: Any = None  # the app's producer, once started
 
     async def send(
         self, *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
     ) -> Any:
-        producer = await self.app.maybe_start_producer()
-        return await producer.send(self.topic, key, value, None, None, headers)
+        if self.producer is None:
+            self.producer = await self.app.maybe_start_producer()
+        return await self.producer.send(self.topic, key, value, None, None, headers)
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
@@ -218,16 +220,20 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     events_topic = topic("events")
     events_name = stores.topics["events"].name
 
-    async def caught_up(partition: int) -> bool:
-        tp = faust.types.TP(stores.topics["events"].name, partition)
+    def unprocessed(partition: int) -> int | None:
+        """Records of an events partition not processed yet: its log end minus the processed
+        position; None while either is unknown (not fetched yet, not assigned)."""
         try:
-            highwater = app.consumer.highwater(tp)
-        except Exception:  # not fetched yet / not assigned: not known to be caught up
-            return False
-        if highwater is None:
-            return False
+            highwater = app.consumer.highwater(faust.types.TP(events_name, partition))
+        except Exception:
+            return None
         position = runtime.batches.position(partition, committed(partition))
-        return position is not None and position >= highwater
+        if highwater is None or position is None:
+            return None
+        return max(0, int(highwater) - position)
+
+    async def caught_up(partition: int) -> bool:
+        return unprocessed(partition) == 0  # unknown is not caught up
 
     def committed(partition: int) -> int | None:
         """The group's committed offset of an events partition (Faust keeps them per partition)."""
@@ -245,18 +251,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             raise
 
     def backlog() -> int:
-        """Records of the owned events partitions not processed yet (0 for a partition whose
-        log end is not known yet)."""
-        behind = 0
-        for partition in list(runtime.timer.owned):
-            try:
-                highwater = app.consumer.highwater(faust.types.TP(events_name, partition))
-            except Exception:  # not fetched yet
-                continue
-            position = runtime.batches.position(partition, committed(partition))
-            if highwater is not None and position is not None:
-                behind += max(0, int(highwater) - position)
-        return behind
+        """Records of the owned events partitions not processed yet (unknown counts 0)."""
+        return sum(unprocessed(partition) or 0 for partition in list(runtime.timer.owned))
 
     events.register(app, events_topic, handle, settings, backlog)
     health = Health(runtime, settings)
