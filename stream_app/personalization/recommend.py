@@ -66,6 +66,13 @@ class RecoModel:
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__)
 
+    def same_counts(self, other: RecoModel) -> bool:
+        """True when ``other`` would answer every user alike (only version and time differ)."""
+        ignore = {"version", "created_ms"}
+        return {k: v for k, v in self.__dict__.items() if k not in ignore} == {
+            k: v for k, v in other.__dict__.items() if k not in ignore
+        }
+
     @classmethod
     def from_json(cls, raw: bytes | str) -> RecoModel:
         return cls(**orjson.loads(raw))

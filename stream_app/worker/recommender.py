@@ -64,7 +64,9 @@ class RecommenderService:
         await self.models.remove_samples(profile_ids)
 
     async def train_once(self) -> RecoModel | None:
-        """If this worker holds the lease: train on a draw of the sample set, publish the next version."""
+        """If this worker holds the lease: train on a draw of the sample set and publish the next
+        version, unless its counts equal the latest model's (a new version with the same answers
+        would only invalidate every collector's cached answers)."""
         s = self.settings
         ttl_ms = int(3 * s.reco_train_interval_seconds * 1000)
         if not self.enabled or not await self.models.acquire_lease(self.worker_id, ttl_ms):
@@ -79,6 +81,9 @@ class RecommenderService:
             now_ms=self.wall_ms(),
             min_support=self.min_support,
         )
+        latest = await self.models.latest()
+        if latest is not None and latest.same_counts(model):
+            return None
         if not await self.models.publish(model):
             return None
         log.info(
