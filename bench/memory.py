@@ -93,13 +93,17 @@ def main() -> None:
             idle = int(client.info("memory")["used_memory"]) - before
         profiles = tombstones = 0
         doc_bytes = 0
+        hash_bytes = {"p(user)": [0, 0], "p(tombstone)": [0, 0]}  # the profile hashes, split
         for key in client.scan_iter(f"{tag}:p:*", count=2000):
             raw = client.hget(key, "d") or b""
             doc_bytes += len(raw)
-            if "merged_into" in decode_doc(raw or b"{}"):
-                tombstones += 1
-            else:
-                profiles += 1
+            kind = "p(tombstone)" if "merged_into" in decode_doc(raw or b"{}") else "p(user)"
+            hash_bytes[kind][0] += 1
+            hash_bytes[kind][1] += int(client.memory_usage(key, samples=0) or 0)
+        profiles, tombstones = hash_bytes["p(user)"][0], hash_bytes["p(tombstone)"][0]
+        if "p" in kinds:  # measured before the idle wait, like the other kinds
+            kinds.pop("p")
+            kinds.update({k: (n, size) for k, (n, size) in hash_bytes.items()})
         client.close()
     report(args, sent, used, profiles, tombstones, doc_bytes, kinds, idle)
 
@@ -135,7 +139,8 @@ Run: `python bench/memory.py --users N --label ...`. Machine: {machine()}.
 Bytes per profile = Redis `used_memory` after the worker applied the stream minus before,
 divided by the user profiles (each user's linked anonymous id leaves a tombstone, counted
 in the total). By kind: `MEMORY USAGE` of every key of that kind / profiles (p = profile
-hash, seen = dedup set, stepstats-applied = the step statistics' dedup, members / deadlines /
+hash, split into users' and linked ids' tombstones since 2026-12-02, sd = dedup digests,
+stepstats-applied = the step statistics' former dedup sets, members / deadlines /
 watermark = the timer's indexes, cluster-* / reco-* = the shared models' sample sets).
 Idle (`--idle-after S`): the same, after S seconds with no traffic, the run's dedup window
 being S seconds (what a user costs once their last event is older than the window).

@@ -1,6 +1,7 @@
 """Issue 2 benchmark: full worker vs a bare Faust agent, memory per profile, latency at half rate.
 
 Run: python bench/throughput.py [--events N] [--quick] [--repeat R] [--profile] [--no-write]
+     python bench/throughput.py --latency-at RATE   (the latency run alone)
 Everything runs in one go on an embedded Tansu broker and a private redis-server: the bare
 agent and the worker alternate R times (default 3) on the same events and their medians are
 compared, with CPU per event of each and of Redis; ``--profile`` samples the first worker
@@ -241,7 +242,33 @@ def main() -> None:
         "--profile", action="store_true", help="sample the first worker run with py-spy (flame summary)"
     )
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
+    parser.add_argument(
+        "--latency-at",
+        type=float,
+        metavar="RATE",
+        help="only the latency run: a fresh worker under live load at RATE events/s for 30 s "
+        "(15 with --quick); prints p50/p99, writes nothing",
+    )
     args = parser.parse_args()
+    if args.latency_at:
+        with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
+            env.update(
+                KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+                REDIS_URL=redis_server.url,
+                LOG_LEVEL="WARNING",
+                PII_HASH_SALT="bench-salt",
+            )
+            from stream_app.settings import Settings
+            from stream_app.topics import apply_topics
+
+            apply_topics(Settings.load(kafka_bootstrap_servers=broker.bootstrap), broker.bootstrap)
+            lat = latency_at(broker.bootstrap, env, args.latency_at, 15 if args.quick else 30)
+        console.print(
+            f"latency at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
+            f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms"
+        )
+        return
     if args.profile and not flame.available():
         parser.error("--profile needs py-spy (pip install py-spy)")
     n = 30_000 if args.quick else args.events

@@ -122,6 +122,8 @@ class Event:
     ahead_ms: int = 0
     group_id: str | None = None  # group: the account/company id
     dropped_traits: int = 0  # traits the policy did not let in (counted by the worker)
+    #: (partition, offset) of the Kafka record it came in: orders what it changes (step statistics)
+    source: tuple[int, int] | None = None
 
     @property
     def profile_id(self) -> str:
@@ -335,8 +337,15 @@ def _opt_obj(doc: dict[str, Any], key: str, path: str) -> dict[str, Any] | Inval
     return value
 
 
-def parse_event(raw: bytes, rules: ContractRules, broker_ts_ms: int | None, now_ms: int) -> Event | Invalid:
-    """Validate and normalize one record value. Never raises on any input bytes."""
+def parse_event(
+    raw: bytes,
+    rules: ContractRules,
+    broker_ts_ms: int | None,
+    now_ms: int,
+    source: tuple[int, int] | None = None,
+) -> Event | Invalid:
+    """Validate and normalize one record value (``source``: its record's (partition, offset),
+    when it came from Kafka). Never raises on any input bytes."""
     if len(raw) > rules.max_event_bytes:
         return Invalid(Reason.TOO_LARGE, f"{len(raw)} bytes exceeds the limit of {rules.max_event_bytes}")
     try:
@@ -346,13 +355,17 @@ def parse_event(raw: bytes, rules: ContractRules, broker_ts_ms: int | None, now_
     if not isinstance(doc, dict):
         return Invalid(Reason.NOT_OBJECT, f"top level is a JSON {type(doc).__name__}, not an object")
     try:
-        return _parse_object(doc, rules, broker_ts_ms, now_ms)
+        return _parse_object(doc, rules, broker_ts_ms, now_ms, source)
     except Exception as exc:  # a last guard: bad input must never kill the agent
         return Invalid(Reason.WRONG_TYPE, f"unprocessable event: {exc!r}"[:500])
 
 
 def _parse_object(
-    doc: dict[str, Any], rules: ContractRules, broker_ts_ms: int | None, now_ms: int
+    doc: dict[str, Any],
+    rules: ContractRules,
+    broker_ts_ms: int | None,
+    now_ms: int,
+    source: tuple[int, int] | None,
 ) -> Event | Invalid:
     message_id = _required_str(doc, "messageId", Reason.MISSING_MESSAGE_ID, "messageId is required")
     if isinstance(message_id, Invalid):
@@ -505,6 +518,7 @@ def _parse_object(
         ahead_ms=ahead_ms,
         group_id=group_id,
         dropped_traits=dropped_traits,
+        source=source,
     )
 
 

@@ -8,12 +8,12 @@ is as if it had run once:
 2. link identities (identify with an anonymousId, alias) by merging profiles
    (:mod:`stream_app.linking`);
 3. read the touched profiles and which of the batch's messageIds each has applied;
-4. fold the new events in (pure :func:`stream_app.profile.apply_event`), write each
+4. fold the new events in (pure :func:`stream_app.profile.apply_event`), fold the steps
+   they complete into the per-step statistics (once per record position), then write each
    profile with compare-and-set, re-reading those whose version moved;
    and, in the same write, what the change causes (:func:`stream_app.reactions.react`:
    segment changes and triggers in the profile's outbox, the next deadline);
-5. fold step durations into the per-step statistics (deduplicated by messageId);
-6. erase users who asked for it.
+5. erase users who asked for it.
 
 :meth:`EventProcessor.fire` (the timer) and :meth:`EventProcessor.recheck` (the cluster
 sweep) are the counterparts of step 4 for users who send nothing. The caller publishes
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,7 +215,9 @@ class EventProcessor:
         outcome = BatchOutcome()
         now_ms = int(self.clock() * 1000)
         for rec in records:
-            parsed = parse_event(rec.value, self.contract, rec.timestamp_ms, now_ms)
+            parsed = parse_event(
+                rec.value, self.contract, rec.timestamp_ms, now_ms, (rec.partition, rec.offset)
+            )
             if isinstance(parsed, Invalid):
                 outcome.dead_letters.append((rec, parsed))
             else:
@@ -239,10 +241,6 @@ class EventProcessor:
         for effect in outcome.effects:
             if isinstance(effect, Bounded):
                 self.metrics.input_bounded.labels(effect.what).inc()
-        durations = [e for e in outcome.effects if isinstance(e, StepDuration)]
-        if durations and self.step_stats is not None:
-            await self.step_stats(durations)
-            self.metrics.step_stats_updates.inc(len(durations))
         if outcome.rewards and self.rewards is not None:
             await self.rewards(outcome.rewards)
         to_erase = list(dict.fromkeys(e.profile_id for e in outcome.effects if isinstance(e, EraseRequested)))
@@ -352,6 +350,7 @@ class EventProcessor:
                 if result.applied_ts or (result.reaction is not None and result.reaction.changed):
                     writes.append(Write(pid, entry.version, result.doc, _applied_ids(entry, events)))
                 results[pid] = result
+            await self._add_step_stats(results.values())
             t0 = time.perf_counter()
             conflicts = await self.store.save(writes)
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
@@ -372,6 +371,21 @@ class EventProcessor:
             pending = retry
         if pending:
             raise ContentionError(f"{len(pending)} profiles kept changing under the batch; it is retried")
+
+    async def _add_step_stats(self, results: Iterable[ProfileResult]) -> None:
+        """Fold the durations of the steps these folds complete into the step statistics,
+        before the profiles are written: a completion the stored profile holds is then always
+        counted (a crash in between replays the record, which the store counts once by its
+        position), and a duplicate resent by a client needs nothing from the statistics. A
+        fold whose write conflicts is folded again; its durations carry the same positions."""
+        if self.step_stats is None:
+            return
+        durations = [
+            e for r in results for e in _with_groups(r.effects, r.doc) if isinstance(e, StepDuration)
+        ]
+        if durations:
+            await self.step_stats(durations)
+            self.metrics.step_stats_updates.inc(len(durations))
 
     async def _load(self, pending: dict[str, list[Event]]) -> dict[str, Loaded]:
         t0 = time.perf_counter()
@@ -521,7 +535,7 @@ def _with_groups(effects: list[Effect], doc: Profile) -> list[Effect]:
     if not cluster:
         return effects
     extra = [
-        StepDuration(e.flow, e.step, e.duration_s, e.message_id, f"cluster:{cluster['id']}")
+        StepDuration(e.flow, e.step, e.duration_s, e.message_id, f"cluster:{cluster['id']}", e.source)
         for e in effects
         if isinstance(e, StepDuration) and not e.group
     ]

@@ -54,13 +54,15 @@ class ProfileRules:
 
 @dataclass(frozen=True, slots=True)
 class StepDuration:
-    """A completed step's duration, to fold into that step's statistics (idempotent by message id)."""
+    """A completed step's duration, to fold into that step's statistics once, by the position
+    of the record that completed it (``source``: partition, offset; see store/step_stats)."""
 
     flow: str
     step: str
     duration_s: float
     message_id: str
     group: str = ""  # "" for all users; "cluster:<id>" for the user's cluster at completion
+    source: tuple[int, int] | None = None  # the completing record's (partition, offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,21 +316,16 @@ def _complete_step(doc: Profile, event: Event) -> list[Effect]:
     done = StepProgress(flow, step, "completed")
     if duration_s is None:
         return [done]
-    return [done, StepDuration(flow, step, duration_s, event.message_id)]
+    return [done, StepDuration(flow, step, duration_s, event.message_id, source=event.source)]
 
 
 def replayed_effects(doc: Profile, event: Event) -> list[Effect]:
     """Effects of an event already applied to ``doc`` that must be re-sent on redelivery.
 
-    Step statistics are folded after the profile write; if the worker died in between,
-    the redelivered completion is a duplicate for the profile but its duration was
-    never counted. The statistics store deduplicates by message id, so resending is safe.
+    A step's duration is not among them: the pipeline folds durations into the statistics
+    before it writes the profile, so a completion the profile holds was counted (a replay of
+    its record before the profile write is counted once by the record's position).
     """
-    if event.type == "track" and event.name == STEP_COMPLETED:
-        flow, step = event.properties["flow"], event.properties["step"]
-        done = doc.get("onboarding", {}).get(flow, {}).get("completed_steps", {}).get(step)
-        if done and done["message_id"] == event.message_id and done["duration_s"] is not None:
-            return [StepDuration(flow, step, done["duration_s"], event.message_id)]
     if event.type == "track" and event.name == DELETION_REQUESTED:
         return [EraseRequested(doc["user_id"])]
     if event.type == "track" and event.name in OUTCOME_EVENTS:  # a reward never counted (a crash)

@@ -102,7 +102,7 @@ class Stores:
             settings.dedup_window_seconds,
             compress=settings.profile_compression,
         )
-        self.step_stats = RedisStepStatsStore(client, self.keys, settings.dedup_window_seconds)
+        self.step_stats = RedisStepStatsStore(client, self.keys)
         self.bandit = RedisBanditStore(client, self.keys, settings.dedup_window_seconds)
         self.deadlines = RedisDeadlineStore(client, self.keys, events_topic)
         self.models = RedisClusterModelStore(client, self.keys)

@@ -261,9 +261,17 @@ def test_a_restart_in_the_middle_of_a_backlog_fires_no_false_stalls(
         diagnose(second),
     )
     time.sleep(2)
-    counts = stalled_counts(read_topic(deployment, deployment.settings.topic_triggers))
-    assert not [u for u in counts if u.startswith("fin")], counts  # no false stalls
-    assert counts == {f"stuck{i}": 1 for i in range(4)}  # the real ones still fire, once
+    stalls = [
+        t for t in read_topic(deployment, deployment.settings.topic_triggers) if t["type"] == "stalled_step"
+    ]
+    decided: dict[str, set[str]] = {}
+    for t in stalls:
+        decided.setdefault(t["user_id"], set()).add(t["trigger_id"])
+    assert not [u for u in decided if u.startswith("fin")], decided  # no false stalls
+    # the real ones still fire, each decided once. A SIGKILL between a publish and its mark
+    # on the profile sends that trigger again with the same trigger_id (at-least-once; the
+    # consumers deduplicate by it): a copy, not a second decision.
+    assert {u: len(ids) for u, ids in decided.items()} == {f"stuck{i}": 1 for i in range(4)}, stalls
 
 
 def test_fast_client_clocks_fire_no_one_elses_stall(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from stream_app.metrics import Metrics
 from stream_app.pipeline import EventProcessor, Record
 from stream_app.profile import ProfileRules, StepDuration
 from stream_app.store.profiles import InMemoryProfileStore, Write
+from stream_app.store.step_stats import InMemoryStepStatsStore
 
 T0 = 1_795_000_000_000
 _offsets = itertools.count()
@@ -93,10 +96,12 @@ async def test_profile_counts_progress_and_step_durations() -> None:
     assert doc["features"] == {"export": 1}
     step = doc["onboarding"]["signup"]["completed_steps"]["profile"]
     assert step["duration_s"] == 60.0
-    assert h.durations == [StepDuration("signup", "profile", 60.0, "m4")]
+    [duration] = h.durations
+    assert duration == StepDuration("signup", "profile", 60.0, "m4", source=duration.source)
+    assert duration.source is not None and duration.source[0] == 0  # the completing record's position
 
 
-async def test_the_same_batch_twice_changes_nothing_and_replays_step_stats() -> None:
+async def test_the_same_batch_twice_changes_nothing_and_counts_each_step_once() -> None:
     h = Harness()
     batch = [
         track("Onboarding Step Started", "m1", at=0, flow="signup", step="email"),
@@ -104,11 +109,37 @@ async def test_the_same_batch_twice_changes_nothing_and_replays_step_stats() -> 
     ]
     await h.run(*batch)
     once = await h.doc("u1")
-    again = await h.run(*batch)
+    again = await h.run(*batch)  # resent by the client: other offsets
     assert again.applied == 0 and again.duplicates == 2
     assert await h.doc("u1") == once
-    # the stats store dedups by messageId; resending means a crash after the profile write loses nothing
-    assert h.durations == [StepDuration("signup", "email", 30.0, "m2")] * 2
+    # the duration was folded in before the profile was written: a duplicate brings none
+    assert [(d.step, d.duration_s) for d in h.durations] == [("email", 30.0)]
+
+
+async def test_a_crash_between_the_step_statistics_and_the_profile_write_counts_the_step_once() -> None:
+    class Crashing(InMemoryProfileStore):
+        crash = True
+
+        async def save(self, writes: Sequence[Write]) -> set[str]:
+            if self.crash:
+                self.crash = False
+                raise ConnectionError("the worker died here")
+            return await super().save(writes)
+
+    stats = InMemoryStepStatsStore()
+    h = Harness(Crashing())
+    h.processor.step_stats = stats.add
+    batch = records(
+        track("Onboarding Step Started", "m1", at=0, flow="signup", step="email"),
+        track("Onboarding Step Completed", "m2", at=30, flow="signup", step="email"),
+    )
+    with pytest.raises(ConnectionError):
+        await h.processor.process(batch)
+    assert await h.doc("u1") is None
+    out = await h.processor.process(batch)  # redelivered after the restart: the same records
+    assert out.applied == 2
+    counted = await stats.get("signup", "email")
+    assert counted is not None and counted.count == 1 and counted.mean_s == 30.0
 
 
 async def test_duplicates_inside_one_batch_count_once() -> None:

@@ -9,12 +9,14 @@ from stream_app.worker.clusters import Baselines
 
 async def test_new_rows_beyond_the_bound_are_refused_and_known_rows_still_fold() -> None:
     store = InMemoryStepStatsStore()
-    await store.add([StepDuration("f", "known", 1.0, "m0")])
+    await store.add([StepDuration("f", "known", 1.0, "m0", source=(0, 0))])
     baselines = Baselines(store, refresh_seconds=60)
     await baselines.refresh(force=True)
-    durations = [StepDuration("f", f"new-{i}", 1.0, f"m{i}") for i in range(5)]
-    durations.append(StepDuration("f", "known", 2.0, "m9"))
-    durations.append(StepDuration("f", "new-0", 3.0, "m10"))  # a row admitted earlier in this call
+    durations = [StepDuration("f", f"new-{i}", 1.0, f"m{i}", source=(0, i + 1)) for i in range(5)]
+    durations.append(StepDuration("f", "known", 2.0, "m9", source=(0, 9)))
+    durations.append(
+        StepDuration("f", "new-0", 3.0, "m10", source=(0, 10))
+    )  # a row admitted earlier in this call
     allowed, refused = baselines.admit(durations, max_rows=3)
     assert [(d.step, d.message_id) for d in allowed] == [
         ("new-0", "m0"),
