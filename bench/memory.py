@@ -62,6 +62,7 @@ def main() -> None:
         settings = deploy(env, broker.bootstrap)
         client = redis.Redis.from_url(redis_server.url)
         before = int(client.info("memory")["used_memory"])
+        stats_before = memory_stats(client)
         producer = Producer(
             {"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True}
         )
@@ -83,6 +84,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         used = int(client.info("memory")["used_memory"]) - before
+        overheads = {k: v - stats_before.get(k, 0) for k, v in memory_stats(client).items()}
         kinds = redis_memory_by_kind(redis_server.url, tag)
         idle = None
         if args.idle_after:
@@ -106,6 +108,23 @@ def main() -> None:
             kinds.update({k: (n, size) for k, (n, size) in hash_bytes.items()})
         client.close()
     report(args, sent, used, profiles, tombstones, doc_bytes, kinds, idle)
+    per = max(1, profiles)
+    console.print(
+        "used_memory growth by Redis' own accounting (MEMORY STATS, bytes per profile): "
+        + ", ".join(f"{k} {v / per:.0f}" for k, v in overheads.items() if abs(v / per) >= 1)
+    )
+
+
+def memory_stats(client: redis.Redis) -> dict[str, int]:
+    """The numeric top-level fields of ``MEMORY STATS`` (where used_memory goes)."""
+    raw = client.execute_command("MEMORY STATS")
+    pairs = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else dict(raw)
+    out = {}
+    for key, value in pairs.items():
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if isinstance(value, int) and not name.startswith(("peak", "keys.count", "db.")):
+            out[name] = value
+    return out
 
 
 def report(

@@ -308,11 +308,9 @@ def _complete_step(doc: Profile, event: Event) -> list[Effect]:
         duration_s = max(0.0, (ts - state["current_step_started_ms"]) / 1000)
         state["current_step"] = None
         state["current_step_started_ms"] = None
-    state["completed_steps"][step] = {
-        "completed_ms": ts,
-        "duration_s": duration_s,
-        "message_id": event.message_id,
-    }
+    # (no messageId: nothing reads it since durations are counted by record position, and
+    # an id is ~30 incompressible bytes per step in every document; older documents keep theirs)
+    state["completed_steps"][step] = {"completed_ms": ts, "duration_s": duration_s}
     done = StepProgress(flow, step, "completed")
     if duration_s is None:
         return [done]
