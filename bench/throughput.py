@@ -41,6 +41,7 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Foundation: worker throughput, latency, memory"
 PARTITIONS = 8
 LATENCY = "onboarding_event_to_profile_latency_seconds"
+GC = "onboarding_gc_pause_seconds"
 console = Console()
 
 
@@ -81,7 +82,8 @@ def run_bare(bootstrap: str, topic: str, n: int) -> dict[str, float]:
 
 def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """A `stream-app worker` that owns its partitions; its process and base URL."""
-    worker = EngineProcess("worker", env, Path(os.devnull), "WEB_PORT", worker_ready).start()
+    log = Path(os.environ.get("BENCH_WORKER_LOG") or os.devnull)  # keep the worker's log to diagnose
+    worker = EngineProcess("worker", env, log, "WEB_PORT", worker_ready).start()
     worker.wait_ready(120)
     assert worker.proc is not None
     return worker.proc, worker.url
@@ -217,6 +219,12 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
         "sent": sent,
         "p50_s": histogram_quantile(m, LATENCY, 0.5, base) or 0.0,
         "p99_s": histogram_quantile(m, LATENCY, 0.99, base) or 0.0,
+        "batch_p50_s": histogram_quantile(m, "onboarding_batch_processing_seconds", 0.5, base) or 0.0,
+        "batch_p99_s": histogram_quantile(m, "onboarding_batch_processing_seconds", 0.99, base) or 0.0,
+        "batch_size_p50": histogram_quantile(m, "onboarding_batch_size_events", 0.5, base) or 0.0,
+        # full garbage collections during the run, and the time they stopped the worker
+        "gc2_count": total(m, GC + "_count", generation="2") - total(base, GC + "_count", generation="2"),
+        "gc2_s": total(m, GC + "_sum", generation="2") - total(base, GC + "_sum", generation="2"),
     }
 
 
@@ -266,7 +274,10 @@ def main() -> None:
             lat = latency_at(broker.bootstrap, env, args.latency_at, 15 if args.quick else 30)
         console.print(
             f"latency at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
-            f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms"
+            f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms; batches: "
+            f"{lat['batch_size_p50']:.0f} events (p50), processing p50 {lat['batch_p50_s'] * 1000:.0f} ms, "
+            f"p99 {lat['batch_p99_s'] * 1000:.0f} ms; full GCs {lat['gc2_count']:.0f}, "
+            f"{lat['gc2_s'] * 1000:.0f} ms in all"
         )
         return
     if args.profile and not flame.available():

@@ -7,6 +7,10 @@ The registry is injectable so tests and benchmarks get a fresh one.
 
 from __future__ import annotations
 
+import gc
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -103,6 +107,14 @@ class Metrics:
             "onboarding_redis_seconds",
             "Time spent in Redis calls, by operation.",
             ["operation"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause_seconds = Histogram(
+            "onboarding_gc_pause_seconds",
+            "How long each Python garbage collection stopped the process, by generation (2: a "
+            "full collection; the worker freezes what start-up allocated, which keeps those short).",
+            ["generation"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
@@ -373,3 +385,39 @@ class CollectorMetrics:
             "Version of the recommender model the collector answers with (0: none yet).",
             registry=r,
         )
+
+
+class GcPauses:
+    """Times every garbage collection into ``onboarding_gc_pause_seconds``.
+
+    The ``gc.callbacks`` hook only appends to a deque: observing a histogram takes a lock,
+    and a collection that started while this thread held it would wait on itself. ``drain``
+    (a worker timer, once a second) moves the pauses into the histogram.
+    """
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.pending: deque[tuple[int, float]] = deque(maxlen=10_000)
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pending.append((info["generation"], time.perf_counter() - self._started))
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def drain(self) -> int:
+        drained = 0
+        while self.pending:
+            generation, seconds = self.pending.popleft()
+            self.histogram.labels(str(generation)).observe(seconds)
+            drained += 1
+        return drained
