@@ -228,6 +228,27 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     }
 
 
+def bench_env(bootstrap: str, redis_url: str, topic: str | None = None) -> dict[str, str]:
+    """A worker's environment on this broker and Redis (the caller's KAFKA_/REDIS_/TOPIC_
+    settings dropped), the deployment's topics created (``topic``: the events topic)."""
+    from stream_app.settings import Settings
+    from stream_app.topics import apply_topics
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        REDIS_URL=redis_url,
+        LOG_LEVEL="WARNING",
+        PII_HASH_SALT="bench-salt",
+    )
+    overrides = {"kafka_bootstrap_servers": bootstrap}
+    if topic is not None:
+        env["TOPIC_EVENTS"] = topic
+        overrides["topic_events"] = topic
+    apply_topics(Settings.load(**overrides), bootstrap)
+    return env
+
+
 def write_results(text: str) -> None:
     write_section(SECTION, text)
 
@@ -260,17 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.latency_at:
         with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
-            env.update(
-                KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
-                REDIS_URL=redis_server.url,
-                LOG_LEVEL="WARNING",
-                PII_HASH_SALT="bench-salt",
-            )
-            from stream_app.settings import Settings
-            from stream_app.topics import apply_topics
-
-            apply_topics(Settings.load(kafka_bootstrap_servers=broker.bootstrap), broker.bootstrap)
+            env = bench_env(broker.bootstrap, redis_server.url)
             lat = latency_at(broker.bootstrap, env, args.latency_at, 15 if args.quick else 30)
         console.print(
             f"latency at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
@@ -298,20 +309,7 @@ def main() -> None:
         make_topic(broker.bootstrap, topic)
         produce_s = pre_produce(broker.bootstrap, topic, events)
         console.print(f"pre-produced {n} events in {produce_s:.1f} s")
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "REDIS_", "TOPIC_"))}
-        base_env.update(
-            KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
-            REDIS_URL=redis_server.url,
-            TOPIC_EVENTS=topic,
-            LOG_LEVEL="WARNING",
-            PII_HASH_SALT="bench-salt",
-        )
-        from stream_app.settings import Settings
-        from stream_app.topics import apply_topics
-
-        apply_topics(
-            Settings.load(kafka_bootstrap_servers=broker.bootstrap, topic_events=topic), broker.bootstrap
-        )
+        base_env = bench_env(broker.bootstrap, redis_server.url, topic)
         mem: dict[str, float] = {}
         before = 0.0
         for i in range(args.repeat):

@@ -449,7 +449,7 @@ class EventProcessor:
         doc = result.doc
         outcome.applied += len(result.applied_ts)
         outcome.duplicates += result.duplicates
-        outcome.effects.extend(_with_groups(result.effects, doc))
+        outcome.effects.extend(result.effects)  # durations went to the statistics before the write
         outcome.funnel.extend(_funnel(result.effects, doc))
         noted = [(e.trigger_id, e.outcome) for e in result.effects if isinstance(e, OutcomeNoted)]
         if noted and self.reactions is not None:

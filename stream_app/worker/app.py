@@ -323,8 +323,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     async def _wait_for_store() -> None:
         await runtime.wait_for_store()
         # What start-up allocated (Faust, river, numpy, settings) lives as long as the process:
-        # out of the collector's reach, a full collection stopped the loop for ~2 ms instead of
-        # ~100-150 ms (measured with onboarding_gc_pause_seconds under bench load).
+        # out of the collector's reach, a full collection stops the loop for ~2-6 ms instead of
+        # ~100-150 ms (measured under bench load; onboarding_gc_pause_seconds shows it).
         gc.collect()
         gc.freeze()
         gc_pauses.install()
