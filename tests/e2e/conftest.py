@@ -138,6 +138,12 @@ class Deployment:
     ) -> None:
         """Produce to the events topic. ``record_times``: give each record its event's own
         ``timestamp`` as Kafka timestamp, as a producer that was live back then did (a backlog)."""
+        refused: list[str] = []
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                refused.append(f"partition {msg.partition()}: {err}")
+
         for item in events:
             stamp = 0
             if isinstance(item, tuple):
@@ -147,9 +153,13 @@ class Deployment:
                 value = orjson.dumps(item)
                 if record_times and isinstance(item.get("timestamp"), str):
                     stamp = parse_timestamp(item["timestamp"])
-            self.producer.produce(self.settings.topic_events, key=key, value=value, timestamp=stamp)
+            self.producer.produce(
+                self.settings.topic_events, key=key, value=value, timestamp=stamp, on_delivery=delivered
+            )
             self.producer.poll(0)
         assert self.producer.flush(30) == 0
+        # a record the broker did not take is the test's loss, not the engine's: say so
+        assert not refused, f"the broker did not take {len(refused)} of {len(events)} records: {refused[:5]}"
 
 
 def make_deployment(kafka_bootstrap: str, redis_url: str, **extra: str) -> Deployment:

@@ -35,6 +35,7 @@ from .test_worker import (
     expected_step_counts,
     served_step_counts,
     settled,
+    settled_diff,
     stored_profiles,
     synthetic_events,
 )
@@ -166,14 +167,18 @@ class Flood:
     def __init__(self, deployment: Deployment, events: list[dict[str, Any]], per_second: int) -> None:
         self.deployment, self.events, self.per_second = deployment, events, per_second
         self.sent = 0
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         chunk = max(1, self.per_second // 10)
-        while self.sent < len(self.events):
-            self.deployment.send(self.events[self.sent : self.sent + chunk])
-            self.sent = min(len(self.events), self.sent + chunk)
-            time.sleep(0.1)
+        try:
+            while self.sent < len(self.events):
+                self.deployment.send(self.events[self.sent : self.sent + chunk])
+                self.sent = min(len(self.events), self.sent + chunk)
+                time.sleep(0.1)
+        except BaseException as exc:  # re-raised in the test's thread by __exit__
+            self.error = exc
 
     def __enter__(self) -> Flood:
         self.thread.start()
@@ -181,6 +186,8 @@ class Flood:
 
     def __exit__(self, *exc: object) -> None:
         self.thread.join(120)
+        if self.error is not None:
+            raise AssertionError(f"the load generator failed: {self.error}") from self.error
 
 
 @pytest.mark.brokers("embedded")
@@ -224,6 +231,9 @@ def test_rolling_restart_of_two_workers_under_load_loses_nothing_and_decides_eac
     def tails() -> str:
         return "\n".join(f"--- {w.log_path.name}\n{w.tail()}" for w in (a, b))
 
+    def diff_and_tails() -> str:
+        return settled_diff(settled(stored_profiles(deployment, user_ids)), want) + "\n" + tails()
+
     now = int(time.time() * 1000)
     stuck = [f"roll-stuck-{i}" for i in range(20)]
     finishers = [f"roll-done-{i}" for i in range(5)]
@@ -252,7 +262,10 @@ def test_rolling_restart_of_two_workers_under_load_loses_nothing_and_decides_eac
     user_ids = [pid for pid in expected if pid.startswith("user-")]
     want = settled({p: expected[p] for p in user_ids})
     wait_until(
-        lambda: settled(stored_profiles(deployment, user_ids)) == want, 120, "every event applied", tails
+        lambda: settled(stored_profiles(deployment, user_ids)) == want,
+        120,
+        "every event applied",
+        diff_and_tails,
     )
     # no step counted twice
     assert served_step_counts(a) == expected_step_counts(expected) | {"rolling/connect": len(finishers)}

@@ -133,6 +133,20 @@ def settled(profiles: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def settled_diff(got: dict[str, Any], want: dict[str, Any], limit: int = 8) -> str:
+    """What differs between two ``settled`` views, for a failure message: missing profiles,
+    and per differing profile its event counts and the fields that differ."""
+    missing = sorted(set(want) - set(got))
+    lines = [f"{len(missing)} of {len(want)} profiles missing: {missing[:limit]}"]
+    differing = [p for p in sorted(want) if p in got and got[p] != want[p]]
+    lines.append(f"{len(differing)} differ")
+    for pid in differing[:limit]:
+        fields = sorted(k for k in want[pid] if got[pid].get(k) != want[pid][k])
+        counts = f"{got[pid]['event_count']} (want {want[pid]['event_count']})"
+        lines.append(f"  {pid}: event_count {counts}, fields {fields}")
+    return "\n".join(lines)
+
+
 def expected_step_counts(expected: dict[str, Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for doc in expected.values():
