@@ -15,10 +15,10 @@ import faust
 import orjson
 from common import own_cpu_seconds
 
-from stream_app.worker.app import _set_fetch_max_wait
+from stream_app.worker.app import _install_group_consumer
 
 bootstrap, topic_name, total, app_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-_set_fetch_max_wait(100)
+_install_group_consumer(100)
 app = faust.App(
     app_id,
     broker=f"kafka://{bootstrap}",
