@@ -1,7 +1,7 @@
 """Issue 2 benchmark: full worker vs a bare Faust agent, memory per profile, latency at half rate.
 
 Run: python bench/throughput.py [--events N] [--quick] [--repeat R] [--profile] [--no-write]
-     python bench/throughput.py --latency-at RATE   (the latency run alone)
+     python bench/throughput.py --latency-at RATE [--broker embedded|kafka]   (the latency run alone)
 Everything runs in one go on an embedded Tansu broker and a private redis-server: the bare
 agent and the worker alternate R times (default 3) on the same events and their medians are
 compared, with CPU per event of each and of Redis; ``--profile`` samples the first worker
@@ -11,6 +11,8 @@ run with py-spy. The results replace the "Foundation" section of bench/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -31,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stream_app.contract import iso_ms
 from stream_app.demo.services import EngineProcess, worker_ready
-from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
+from stream_app.embedded import ApacheKafka, EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import histogram_quantile, scrape, total
 from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
@@ -41,6 +43,8 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Foundation: worker throughput, latency, memory"
 PARTITIONS = 8
 LATENCY = "onboarding_event_to_profile_latency_seconds"
+WARMUP_S = 5.0  # the latency run's first seconds, reported apart (a worker's start)
+SLOW_S = 0.3  # a latency bucket bound: events slower than this are "slow" in the latency timeline
 GC = "onboarding_gc_pause_seconds"
 console = Console()
 
@@ -180,7 +184,7 @@ def memory(redis_url: str, prefix: str) -> dict[str, float]:
     }
 
 
-def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float) -> dict[str, float]:
+def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float) -> dict[str, Any]:
     topic = f"lat-{uuid.uuid4().hex[:6]}"
     make_topic(bootstrap, topic)
     env = {**env, "TOPIC_EVENTS": topic, "APP_ID": f"lat-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": "lat"}
@@ -191,11 +195,14 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     users = generate_users(needed // 40 + 50, seed=int(time.time()))
     stream = iter([e for _, e in zip(range(needed), interleaved_stream(users, 0, seed=99), strict=False)])
     sent, t0 = 0, time.perf_counter()
+    timeline = [(0.0, base)]  # the worker's metrics once a second: when the slow events came
     with Progress(
         TextColumn(f"live load at {rate:.0f} events/s"), BarColumn(), TimeElapsedColumn(), console=console
     ) as progress:
         task = progress.add_task("lat", total=seconds)
         while (elapsed := time.perf_counter() - t0) < seconds:
+            if elapsed - timeline[-1][0] >= 1.0:
+                timeline.append((elapsed, scrape(url + "/metrics")))
             due = int(elapsed * rate)
             while sent < due:
                 event = next(stream)
@@ -212,9 +219,23 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     while time.monotonic() < deadline and processed(scrape(url + "/metrics")) - processed(base) < sent:
         time.sleep(0.25)
     m = scrape(url + "/metrics")
+    timeline.append((time.perf_counter() - t0, m))
     proc.terminate()
     proc.wait(20)
+    slow = []  # (second of the run, events written then, of which slower than SLOW_S)
+    for (_t, before), (t, after) in itertools.pairwise(timeline):
+        n = total(after, LATENCY + "_count") - total(before, LATENCY + "_count")
+        fast = total(after, LATENCY + "_bucket", le=str(SLOW_S)) - total(
+            before, LATENCY + "_bucket", le=str(SLOW_S)
+        )
+        slow.append((t, n, n - fast))
+    # after the warm-up: the first seconds after a worker starts are slow on Apache Kafka (the
+    # group's first fetches), which is a start, not the live latency this run is about
+    warm = next((m for t, m in timeline if t >= WARMUP_S), base)
     return {
+        "warm_p50_s": histogram_quantile(m, LATENCY, 0.5, warm) or 0.0,
+        "warm_p99_s": histogram_quantile(m, LATENCY, 0.99, warm) or 0.0,
+        "slow_seconds": sorted(slow, key=lambda w: -w[2])[:5],
         "rate": rate,
         "sent": sent,
         "p50_s": histogram_quantile(m, LATENCY, 0.5, base) or 0.0,
@@ -278,17 +299,46 @@ def main() -> None:
         help="only the latency run: a fresh worker under live load at RATE events/s for 30 s "
         "(15 with --quick); prints p50/p99, writes nothing",
     )
+    parser.add_argument(
+        "--broker",
+        choices=("embedded", "kafka"),
+        default="embedded",
+        help="with --latency-at: the embedded broker (Tansu) or Apache Kafka (Java 17, fetched once)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --latency-at: a worker setting for the run (repeatable), e.g. KAFKA_FETCH_MAX_WAIT_MS=10",
+    )
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
     if args.latency_at:
-        with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
-            env = bench_env(broker.bootstrap, redis_server.url)
-            lat = latency_at(broker.bootstrap, env, args.latency_at, 15 if args.quick else 30)
+        with contextlib.ExitStack() as stack:
+            if args.broker == "kafka":
+                kafka = ApacheKafka().start()
+                stack.callback(kafka.close)
+                bootstrap = kafka.bootstrap
+            else:
+                bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            redis_server = stack.enter_context(EmbeddedRedis())
+            env = {**bench_env(bootstrap, redis_server.url), **overrides}
+            lat = latency_at(bootstrap, env, args.latency_at, 15 if args.quick else 30)
         console.print(
-            f"latency at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
-            f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms; batches: "
+            f"latency on {args.broker} {' '.join(args.set)} at {lat['rate']:.0f} events/s "
+            f"({lat['sent']:.0f} sent): "
+            f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms "
+            f"(after the first {WARMUP_S:.0f} s: p50 {lat['warm_p50_s'] * 1000:.0f} ms, "
+            f"p99 {lat['warm_p99_s'] * 1000:.0f} ms); batches: "
             f"{lat['batch_size_p50']:.0f} events (p50), processing p50 {lat['batch_p50_s'] * 1000:.0f} ms, "
             f"p99 {lat['batch_p99_s'] * 1000:.0f} ms; full GCs {lat['gc2_count']:.0f}, "
             f"{lat['gc2_s'] * 1000:.0f} ms in all"
+        )
+        console.print(
+            f"seconds with the most events slower than {SLOW_S * 1000:.0f} ms "
+            "(second of the run: slow/written): "
+            + ", ".join(f"{t:.0f} s: {k:.0f}/{n:.0f}" for t, n, k in lat["slow_seconds"])
         )
         return
     if args.profile and not flame.available():
