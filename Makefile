@@ -22,8 +22,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# two test processes (pytest-xdist), a module's tests in one of them: each starts its own
+# brokers and Redis; most of a test's time is waiting on real processes
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=25
 
 chaos: setup
 	$(BIN)/python bench/chaos.py --seconds 300 --broker embedded
