@@ -313,6 +313,8 @@ def main() -> None:
         help="with --latency-at: a worker setting for the run (repeatable), e.g. KAFKA_FETCH_MAX_WAIT_MS=10",
     )
     args = parser.parse_args()
+    if any("=" not in item for item in args.set):
+        parser.error("--set takes NAME=VALUE, e.g. --set CLUSTER_SWEEP_RATE=100")
     overrides = dict(item.split("=", 1) for item in args.set)
     if args.latency_at:
         with contextlib.ExitStack() as stack:
