@@ -231,7 +231,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
         slow.append((t, n, n - fast))
     # after the warm-up: the first seconds after a worker starts are slow on Apache Kafka (the
     # group's first fetches), which is a start, not the live latency this run is about
-    warm = next((m for t, m in timeline if t >= WARMUP_S), base)
+    warm = next((snapshot for t, snapshot in timeline if t >= WARMUP_S), base)
     return {
         "warm_p50_s": histogram_quantile(m, LATENCY, 0.5, warm) or 0.0,
         "warm_p99_s": histogram_quantile(m, LATENCY, 0.99, warm) or 0.0,
