@@ -173,7 +173,7 @@ def memory(redis_url: str, prefix: str) -> dict[str, float]:
         profiles += 1
         if len(doc_bytes) < 200:
             doc_bytes.append(int(client.memory_usage(key) or 0))
-            seen_key = key.replace(f"{prefix}:p:".encode(), f"{prefix}:sd:".encode())
+            seen_key = key.replace(f"{prefix}:p:".encode(), f"{prefix}:dd:".encode())
             seen_bytes.append(int(client.memory_usage(seen_key) or 0))
     return {
         "used_memory": used,

@@ -115,7 +115,11 @@ class Settings(BaseSettings):
     max_future_skew_seconds: float = Field(
         86_400, ge=0, description="Events further in the future are invalid."
     )
-    dedup_window_seconds: int = Field(7 * 86_400, ge=60, description="How long a messageId is remembered.")
+    dedup_window_seconds: int = Field(
+        7 * 86_400,
+        ge=60,
+        description="How long a messageId is remembered at least (up to twice while the user stays active).",
+    )
     profile_ttl_seconds: int = Field(180 * 86_400, ge=60, description="Profiles idle this long expire.")
     profile_cache_size: int = Field(
         20_000, ge=0, description="Profiles a worker keeps in memory to skip re-reading them (0: off)."

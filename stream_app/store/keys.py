@@ -12,7 +12,7 @@ import hashlib
 #: Every kind of per-user key. Erasure deletes ``user_key(kind, user)`` for each kind
 #: (of the user and of every id merged into it): a feature that adds a per-user key
 #: must add its kind here, and the erasure contract test then covers it.
-USER_KEY_KINDS: list[str] = ["p", "sd", "seen"]
+USER_KEY_KINDS: list[str] = ["p", "dd", "sd", "seen"]
 
 
 def hash_tag(ident: str) -> str:
@@ -65,9 +65,14 @@ class Keys:
         """Hash: ``v`` (version, for compare-and-set) and ``d`` (the JSON document)."""
         return self.user_key("p", user)
 
+    def dedup(self, user: str) -> str:
+        """String: applied messageIds' 64-bit digests, packed in two generations (dedup window;
+        layout in :mod:`stream_app.store.profiles`)."""
+        return self.user_key("dd", user)
+
     def seen_digests(self, user: str) -> str:
-        """Sorted set of applied messageIds' 64-bit digests, scored by when they were applied
-        (dedup window)."""
+        """Sorted set of applied messageIds' digests, as written before 2026-12-02: read, and
+        moved into :meth:`dedup` at the user's next write."""
         return self.user_key("sd", user)
 
     def seen(self, user: str) -> str:

@@ -3,13 +3,17 @@
 A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the document
 ``d`` (JSON, deflated against a fixed dictionary when that is smaller: under a quarter of
 the bytes of a typical profile, :mod:`stream_app.store.docpack`). The applied messageIds
-live in the sorted set ``{prefix}:sd:{user}`` as 64-bit digests (8 bytes instead of a
+live in the string ``{prefix}:dd:{user}`` as packed 64-bit digests (8 bytes instead of a
 36-character UUID; a collision between two of one user's ids within the dedup window has
-odds of ~1e-16), scored by the second they were applied, kept for DEDUP_WINDOW_SECONDS after
-the user's last write (an idle user's profile is its document alone); same hash tag, so one
-Lua script updates both, also on Redis Cluster. Sets of full messageIds written before
-(``{prefix}:seen:``) are still checked while they exist (they expire with the dedup
-window). Writes are
+odds of ~1e-16), in two generations: the first write a window after the current
+generation began drops the older one, so an id is remembered between one and two
+DEDUP_WINDOW_SECONDS while the user is active, and the whole string expires a window after
+the user's last write (an idle user's profile is its document alone). Same hash tag, so
+one Lua script updates both, also on Redis Cluster. A string of 8-byte entries costs ~8
+bytes per id where a sorted set (the layout before 2026-12-02, ``{prefix}:sd:``, moved
+into the string at the user's next write) cost ~20. Sets of full messageIds written
+before 2026-12-01 (``{prefix}:seen:``) are still checked while they exist (they expire
+with the dedup window). Writes are
 compare-and-set on the version: a write based on a stale read is refused and the
 caller re-reads, so a rebalance that briefly gives a user to two workers, or a retry
 after a lost reply, never applies an event twice.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,25 +116,63 @@ class ProfileStore(abc.ABC):
         """Release connections."""
 
 
-# KEYS: profile hash, digest zset, legacy zset of full ids. ARGV: n, n digests, the n ids.
-# Returns {version, doc, {1|0 per id}, published}.
-_LOAD_LUA = """
+# The dedup memory's layout (a string): 8 bytes of header, `>I4I4` = the second the current
+# generation began and the byte length of the older generation's entries, then the entries,
+# 8-byte digests, the older generation's first. Lua helpers shared by both scripts.
+_DIGESTS_LUA = """
+local function digest_set(body)
+  local set = {}
+  for i = 1, #body, 8 do set[string.sub(body, i, i + 7)] = true end
+  return set
+end
+-- is `d` one of the entries of `body`? (a scan for one or a few ids, a table for more)
+local function digest_lookup(body, wanted)
+  if wanted > 8 then
+    local set = digest_set(body)
+    return function(d) return set[d] == true end
+  end
+  return function(d)
+    local init = 1
+    while true do
+      local at = string.find(body, d, init, true)
+      if not at then return false end
+      if (at - 1) % 8 == 0 then return true end
+      init = at + 1
+    end
+  end
+end
+local function digest_body(packed)
+  if not packed then return '', 0, 0 end
+  local started, older = struct.unpack('>I4I4', packed)
+  return string.sub(packed, 9), started, older
+end
+"""
+
+# KEYS: profile hash, dedup digests (string), legacy zset of digests, legacy zset of full ids.
+# ARGV: n, n digests, the n ids. Returns {version, doc, {1|0 per id}, published}.
+_LOAD_LUA = (
+    _DIGESTS_LUA
+    + """
 local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p')
 local n = tonumber(ARGV[1])
 local flags = {}
-for i = 2, n + 1, 500 do
-  local chunk = {}
-  for j = i, math.min(i + 499, n + 1) do chunk[#chunk + 1] = ARGV[j] end
-  local scores = redis.call('ZMSCORE', KEYS[2], unpack(chunk))
-  for j = 1, #scores do flags[#flags + 1] = scores[j] and 1 or 0 end
-end
-if n > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
-  for i = 1, n do
-    if flags[i] == 0 and redis.call('ZSCORE', KEYS[3], ARGV[n + 1 + i]) then flags[i] = 1 end
+if n > 0 then
+  local has = digest_lookup((digest_body(redis.call('GET', KEYS[2]))), n)
+  for i = 1, n do flags[i] = has(ARGV[1 + i]) and 1 or 0 end
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    for i = 1, n do
+      if flags[i] == 0 and redis.call('ZSCORE', KEYS[3], ARGV[1 + i]) then flags[i] = 1 end
+    end
+  end
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    for i = 1, n do
+      if flags[i] == 0 and redis.call('ZSCORE', KEYS[4], ARGV[n + 1 + i]) then flags[i] = 1 end
+    end
   end
 end
 return {r[1], r[2], flags, r[3]}
 """
+)
 
 # KEYS: profile hash. ARGV: outbox key. Only on an existing profile (erasure stays erasure).
 _MARK_LUA = """
@@ -138,41 +180,59 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', ARGV
 return 0
 """
 
-# KEYS: profile hash, digest zset, legacy zset of full ids.
+# KEYS: profile hash, dedup digests (string), legacy zset of digests, legacy zset of full ids.
 # ARGV: expected version, doc, ttl s, now ms, dedup window ms, require-unseen flag,
 # forget-seen flag, n, n digests, the n ids ("" for an entry copied as a digest).
 # Returns the new version, -1 if the version moved, -2 if an id was already applied.
-_CAS_LUA = """
+_CAS_LUA = (
+    _DIGESTS_LUA
+    + """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -1 end
 local n = tonumber(ARGV[8])
+local packed = false
+if n > 0 then packed = redis.call('GET', KEYS[2]) end
+local body, started, older = digest_body(packed)
 if ARGV[6] == '1' and n > 0 then
-  local legacy = redis.call('EXISTS', KEYS[3]) == 1
+  local has = digest_lookup(body, n)
+  local digests = redis.call('EXISTS', KEYS[3]) == 1
+  local legacy = redis.call('EXISTS', KEYS[4]) == 1
   for i = 1, n do
-    if redis.call('ZSCORE', KEYS[2], ARGV[8 + i]) then return -2 end
-    if legacy and redis.call('ZSCORE', KEYS[3], ARGV[8 + n + i]) then return -2 end
+    if has(ARGV[8 + i]) then return -2 end
+    if digests and redis.call('ZSCORE', KEYS[3], ARGV[8 + i]) then return -2 end
+    if legacy and redis.call('ZSCORE', KEYS[4], ARGV[8 + n + i]) then return -2 end
   end
 end
 redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[7] == '1' then redis.call('DEL', KEYS[2], KEYS[3]) end
-local now = math.floor(tonumber(ARGV[4]) / 1000)  -- seconds: a 32-bit score packs smaller
+if ARGV[7] == '1' then redis.call('DEL', KEYS[2], KEYS[3], KEYS[4]) end
 if n > 0 then
-  local batch = {}
-  for i = 9, 8 + n do
-    batch[#batch + 1] = now
-    batch[#batch + 1] = ARGV[i]
-    if #batch >= 200 then redis.call('ZADD', KEYS[2], unpack(batch)); batch = {} end
-  end
-  if #batch > 0 then redis.call('ZADD', KEYS[2], unpack(batch)) end
+  local now = math.floor(tonumber(ARGV[4]) / 1000)
   local window = math.ceil(tonumber(ARGV[5]) / 1000)
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  -- the ids' memory outlives the last write by the dedup window, not by the profile's TTL:
+  -- two generations: at the first write a window after the current one began, the older
+  -- one (all written more than a window ago) goes and the current one becomes the older
+  if not packed or now - started >= 2 * window then
+    body, started, older = '', now, 0
+  elseif now - started >= window then
+    body, started, older = string.sub(body, older + 1), now, #body - older
+  end
+  local added = {body}
+  for i = 9, 8 + n do added[#added + 1] = ARGV[i] end
+  if redis.call('EXISTS', KEYS[3]) == 1 then  -- digests kept in a sorted set before: moved here
+    local before = redis.call('ZRANGE', KEYS[3], 0, -1)
+    for i = 1, #before do added[#added + 1] = before[i] end
+    redis.call('DEL', KEYS[3])
+  end
+  -- the memory outlives the last write by the dedup window, not by the profile's TTL:
   -- an idle user keeps the document only
-  redis.call('EXPIRE', KEYS[2], window)
+  redis.call('SET', KEYS[2], struct.pack('>I4I4', started, older) .. table.concat(added), 'EX', window)
 end
 return v + 1
 """
+)
+
+#: bytes before the first digest of the dedup string (see ``_DIGESTS_LUA``)
+DEDUP_HEADER = 8
 
 #: a dedup entry handed out by ``seen_ids`` (identity merges copy them): already a digest
 DIGEST_ENTRY = "\x1fsd:"
@@ -189,9 +249,15 @@ class RedisProfileStore(ProfileStore):
     """Profiles in Redis (standalone or Cluster): one pipeline to read a batch, one to write it."""
 
     def __init__(
-        self, client: AnyRedis, keys: Keys, ttl_seconds: int, dedup_window_seconds: int, compress: bool = True
+        self,
+        client: AnyRedis,
+        keys: Keys,
+        ttl_seconds: int,
+        dedup_window_seconds: int,
+        compress: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.compress = compress
+        self.compress, self.clock = compress, clock
         self.client = client
         self.keys = keys
         self.ttl_seconds = ttl_seconds
@@ -199,7 +265,8 @@ class RedisProfileStore(ProfileStore):
         self.scripts = Scripts(client, {"load": _LOAD_LUA, "cas": _CAS_LUA, "mark": _MARK_LUA})
 
     def _user_keys(self, pid: str) -> list[str]:
-        return [self.keys.profile(pid), self.keys.seen_digests(pid), self.keys.seen(pid)]
+        k = self.keys
+        return [k.profile(pid), k.dedup(pid), k.seen_digests(pid), k.seen(pid)]
 
     @staticmethod
     def _ids(message_ids: Sequence[str]) -> list[Any]:
@@ -232,7 +299,7 @@ class RedisProfileStore(ProfileStore):
     async def save(self, writes: Sequence[Write]) -> set[str]:
         if not writes:
             return set()
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         calls = [
             Eval(
                 "cas",
@@ -255,9 +322,12 @@ class RedisProfileStore(ProfileStore):
 
     async def seen_ids(self, profile_id: str) -> list[str]:
         """Entries to copy into another profile's dedup memory (digests, opaque to callers)."""
+        packed: Any = await self.client.get(self.keys.dedup(profile_id))
+        body = bytes(packed or b"")[DEDUP_HEADER:]
+        entries = {body[i : i + 8] for i in range(0, len(body), 8)}
         digests: list[Any] = await self.client.zrange(self.keys.seen_digests(profile_id), 0, -1)
         legacy: list[Any] = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
-        entries = {bytes(d) for d in digests} | {digest(bytes(m).decode()) for m in legacy}
+        entries |= {bytes(d) for d in digests} | {digest(bytes(m).decode()) for m in legacy}
         return sorted(DIGEST_ENTRY + d.hex() for d in entries)
 
     async def get(self, profile_id: str) -> Profile | None:

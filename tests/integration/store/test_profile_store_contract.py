@@ -8,7 +8,14 @@ import redis.asyncio as aioredis
 
 from stream_app.profile import new_profile
 from stream_app.store.keys import USER_KEY_KINDS, Keys
-from stream_app.store.profiles import DIGEST_ENTRY, ProfileStore, RedisProfileStore, Write, digest
+from stream_app.store.profiles import (
+    DEDUP_HEADER,
+    DIGEST_ENTRY,
+    ProfileStore,
+    RedisProfileStore,
+    Write,
+    digest,
+)
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
@@ -133,7 +140,7 @@ async def test_redis_keeps_digests_reads_sets_of_full_ids_and_compresses_documen
     stored = await client.hget(keys.profile("big"), "d")
     assert stored is not None and stored[:1] != b"{" and len(stored) < len(orjson.dumps(doc)) / 3
     assert await store.get("big") == doc and (await store.load({"big": []}))["big"].doc == doc
-    assert [len(m) for m in await client.zrange(keys.seen_digests("big"), 0, -1)] == [8]
+    assert (await client.get(keys.dedup("big")) or b"")[DEDUP_HEADER:] == digest("m1")
     # an id applied before the upgrade: in the set of full ids, still a duplicate
     await client.zadd(keys.seen("big"), {"old-1": 1_000})
     assert (await store.load({"big": ["old-1", "m1", "new"]}))["big"].seen == {"old-1", "m1"}
@@ -152,8 +159,63 @@ async def test_an_idle_user_keeps_the_document_and_drops_the_dedup_memory(client
     keys = Keys("idle")
     store = RedisProfileStore(client, keys, ttl_seconds=86_400, dedup_window_seconds=600)
     await store.save([Write("u1", 0, new_profile("u1"), ["m1"])])
-    assert 0 < await client.ttl(keys.seen_digests("u1")) <= 600
+    assert 0 < await client.ttl(keys.dedup("u1")) <= 600
     assert 600 < await client.ttl(keys.profile("u1")) <= 86_400
+
+
+async def test_ids_are_remembered_a_window_at_least_and_two_at_most(client: aioredis.Redis) -> None:
+    """Redis only: the dedup memory keeps two generations; a write a window after the current
+    one began drops the older one, so an active user's memory does not grow without end."""
+    keys = Keys("gen")
+    now = [1_800_000_000.0]
+    store = RedisProfileStore(
+        client, keys, ttl_seconds=86_400, dedup_window_seconds=600, clock=lambda: now[0]
+    )
+    version = 0
+
+    async def write(message_id: str, at: float) -> set[str]:
+        nonlocal version
+        now[0] = 1_800_000_000.0 + at
+        assert await store.save([Write("u", version, new_profile("u"), [message_id])]) == set()
+        version += 1
+        return (await store.load({"u": ["m0", "m1", "m2", "m3", "m4"]}))["u"].seen
+
+    assert await write("m0", 0) == {"m0"}
+    assert await write("m1", 599) == {"m0", "m1"}  # the same generation
+    assert await write("m2", 601) == {"m0", "m1", "m2"}  # m0, m1 now the older generation
+    assert await write("m3", 1201) == {"m2", "m3"}  # m0 and m1 were written over a window ago
+    assert await write("m4", 1201 + 1200) == {"m4"}  # two windows since: all of it went
+    assert len(await client.get(keys.dedup("u")) or b"") == DEDUP_HEADER + 8
+    assert 0 < await client.ttl(keys.dedup("u")) <= 600
+
+
+async def test_digests_kept_in_a_sorted_set_count_and_move_to_the_string(client: aioredis.Redis) -> None:
+    """Redis only: the layout before 2026-12-02 (a sorted set of digests) is still read, and
+    the user's next write moves it into the packed string."""
+    keys = Keys("mv")
+    store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=3600)
+    await store.save([Write("u", 0, new_profile("u"))])
+    await client.zadd(keys.seen_digests("u"), {digest("old-1"): 1_000, digest("old-2"): 1_000})
+    assert (await store.load({"u": ["old-1", "new"]}))["u"].seen == {"old-1"}
+    assert await store.save([Write("u", 1, new_profile("u"), ["old-2"])]) == {"u"}  # applied before
+    assert await store.save([Write("u", 1, new_profile("u"), ["new"])]) == set()
+    assert await client.exists(keys.seen_digests("u")) == 0
+    assert (await store.load({"u": ["old-1", "old-2", "new", "other"]}))["u"].seen == {
+        "old-1",
+        "old-2",
+        "new",
+    }
+    assert len(await store.seen_ids("u")) == 3
+
+
+async def test_many_ids_at_once_are_checked_like_one(store: ProfileStore) -> None:
+    """A batch with many of one user's ids (the lookup builds a table past 8) finds the same."""
+    ids = [f"m{i}" for i in range(40)]
+    assert await store.save([Write("u", 0, new_profile("u"), ids[:20])]) == set()
+    assert (await store.load({"u": ids}))["u"].seen == set(ids[:20])
+    assert (await store.load({"u": ids[15:18]}))["u"].seen == set(ids[15:18])
+    assert await store.save([Write("u", 1, new_profile("u"), ids[19:30])]) == {"u"}  # m19 applied
+    assert await store.save([Write("u", 1, new_profile("u"), ids[20:30])]) == set()
 
 
 async def test_a_write_can_drop_the_dedup_memory(store: ProfileStore) -> None:
@@ -179,7 +241,7 @@ async def test_compression_can_be_switched_off_and_either_form_reads(fresh_redis
 
 async def test_on_the_redis_we_run_a_profile_and_its_dedup_set_stay_compact(private_redis_url: str) -> None:
     """The embedded Redis (and docker-compose) is configured for the engine's data: a profile
-    hash keeps its deflated document in a listpack, a dedup set of 300 ids stays a listpack."""
+    hash keeps its deflated document in a listpack; 300 ids' dedup memory is 8 bytes each."""
     client = aioredis.Redis.from_url(private_redis_url)
     await client.flushdb()
     keys = Keys("compact")
@@ -189,5 +251,5 @@ async def test_on_the_redis_we_run_a_profile_and_its_dedup_set_stay_compact(priv
     await store.save([Write("u1", 0, doc, [f"m{i}" for i in range(300)])])
     assert len(await client.hget(keys.profile("u1"), "d") or b"") > 64  # past Redis' default
     assert await client.object("encoding", keys.profile("u1")) in (b"listpack", b"ziplist")
-    assert await client.object("encoding", keys.seen_digests("u1")) in (b"listpack", b"ziplist")
+    assert len(await client.get(keys.dedup("u1")) or b"") == DEDUP_HEADER + 300 * 8  # 8 bytes per id
     await client.aclose()
