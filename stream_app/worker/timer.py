@@ -25,6 +25,11 @@ from stream_app.store.sizes import SegmentSizeStore
 from stream_app.worker.clusters import Baselines, ClusterService
 from stream_app.worker.publisher import Publisher
 
+#: Profiles the cluster sweep re-checks per hold of the lock it shares with the batches: a
+#: batch waits for at most one such chunk (its reads, writes and the acks of what it
+#: publishes), not for a whole pass (measured on Apache Kafka: bench/RESULTS.md, "Latency")
+SWEEP_HOLD = 32
+
 #: partition -> True when this worker has read everything in it (the consumer's positions)
 CaughtUp = Callable[[int], Awaitable[bool]]
 
@@ -164,17 +169,18 @@ class DeadlineTimer:
                 continue
             started = state.started_for if state.cursor else snap.sweep_version
             cursor, users = await self.deadlines.scan_members(partition, state.cursor, count)
-            if users:
+            for at in range(0, len(users), SWEEP_HOLD):
+                # the lock is fair: a batch waiting for it goes between two chunks
                 async with self.lock:
                     await self.baselines.refresh()
-                    outcome = await self.processor.recheck(partition, users, wm)
+                    outcome = await self.processor.recheck(partition, users[at : at + SWEEP_HOLD], wm)
                     await self._settle(outcome)
                     for part, entries in outcome.earlier.items():
                         await self.deadlines.schedule_earlier(part, entries)
                     await self.deadlines.remove_members(partition, outcome.departed)
                     # the sweep sees every member's current state: the next model learns from it
                     await self.clusters.sample(outcome.profiles)
-                checked += len(users)
+            checked += len(users)
             done = started if cursor == 0 else state.done
             await self.deadlines.save_sweep(partition, SweepState(done, started, cursor))
             behind += int(done < snap.sweep_version)

@@ -8,20 +8,24 @@ unless they would move users.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
+import pytest
 
 from evaluation.metrics import adjusted_rand_index
 from stream_app.contract import parse_timestamp
-from stream_app.pipeline import Record
+from stream_app.pipeline import Record, TimerOutcome
 from stream_app.segments.assign import choose_cluster, features
 from stream_app.settings import Settings
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 from stream_app.worker.publisher import MemorySink, Sinks
 from stream_app.worker.runtime import Runtime, Stores
+from stream_app.worker.timer import SWEEP_HOLD
 from tests.unit.test_clock import T0
 
 USERS = 120
@@ -120,3 +124,32 @@ async def test_a_model_that_moves_users_reaches_the_silent_ones(tmp_path: Path) 
     assert len(movers) >= 20 and all(before[u] in (a, b) for u in movers)  # the swapped clusters' users
     exits = [m for m in segments.values if m["source"] == "cluster" and m["change"] == "exited"]
     assert sorted(m["user_id"] for m in exits) == sorted(movers)  # each mover exits once, no one else
+
+
+async def test_a_batch_waits_for_one_chunk_of_the_sweep_not_a_whole_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep re-checks its pass in chunks of SWEEP_HOLD profiles, each under the lock;
+    a batch that comes during a chunk takes the lock next (on Apache Kafka a pass of 250
+    profiles held it 0.3-0.5 s: the batches' latency tail)."""
+    rt, _segments = runtime(tmp_path)
+    records, _archetype = backlog()
+    for i in range(0, len(records), 500):
+        await rt.batches.handle(records[i : i + 500])
+    await rt.clusters.train_once()
+    chunks: list[int] = []
+    recheck = rt.processor.recheck
+
+    async def slow_recheck(partition: int, users: Sequence[str], now_ms: int) -> TimerOutcome:
+        chunks.append(len(users))
+        await asyncio.sleep(0.02)  # a chunk's round trips to Redis and the broker
+        return await recheck(partition, users, now_ms)
+
+    monkeypatch.setattr(rt.processor, "recheck", slow_recheck)
+    sweep = asyncio.create_task(rt.timer.sweep())
+    await asyncio.sleep(0.01)  # the sweep's first chunk holds the lock now
+    async with rt.lock:  # a batch
+        chunks_before_the_batch = len(chunks)
+    assert await sweep == 100  # CLUSTER_SWEEP_RATE 400 x 0.25 s
+    assert chunks == [SWEEP_HOLD, SWEEP_HOLD, SWEEP_HOLD, 100 - 3 * SWEEP_HOLD]
+    assert chunks_before_the_batch == 1
