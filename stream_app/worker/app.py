@@ -258,7 +258,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         value = offsets.get(faust.types.TP(events_name, partition))
         return int(value) if value is not None else None
 
-    runtime = Runtime(settings, sinks, stores, caught_up=caught_up, committed=committed)
+    def lagging(partition: int) -> bool:
+        """A full batch or more not processed yet in this partition (a backlog)."""
+        return (unprocessed(partition) or 0) >= settings.batch_max_events
+
+    runtime = Runtime(settings, sinks, stores, caught_up=caught_up, committed=committed, lagging=lagging)
 
     async def handle(records: list[Record]) -> object:
         try:

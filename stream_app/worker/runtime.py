@@ -52,7 +52,7 @@ from stream_app.worker.epochs import Committed, EpochGuard, _never_committed
 from stream_app.worker.publisher import Publisher, Sinks
 from stream_app.worker.reader import ProfileReader
 from stream_app.worker.recommender import RecommenderService
-from stream_app.worker.timer import CaughtUp, DeadlineTimer, Watermarks, _never
+from stream_app.worker.timer import CaughtUp, DeadlineTimer, Lagging, Watermarks, _never, _not_lagging
 
 log = logging.getLogger("stream_app")
 
@@ -136,6 +136,7 @@ class Runtime:
         metrics: Metrics | None = None,
         caught_up: CaughtUp = _never,
         committed: Committed = _never_committed,
+        lagging: Lagging = _not_lagging,
         rng: random.Random | None = None,
         wall_ms: Callable[[], int] | None = None,
     ) -> None:
@@ -195,7 +196,7 @@ class Runtime:
         )  # fmt: skip
         self.timer = DeadlineTimer(
             settings, self.processor, self.publisher, s.deadlines, self.watermarks, self.baselines,
-            self.clusters, s.sizes, self.metrics, self.lock, s.topics["events"].partitions,
+            self.clusters, s.sizes, self.metrics, self.lock, s.topics["events"].partitions, lagging,
         )  # fmt: skip
         self.reader = ProfileReader(
             s.profiles, self.profile_rules, self.segments, self.processor.contract, s.step_stats

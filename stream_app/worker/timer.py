@@ -33,8 +33,15 @@ SWEEP_HOLD = 32
 #: partition -> True when this worker has read everything in it (the consumer's positions)
 CaughtUp = Callable[[int], Awaitable[bool]]
 
+#: partition -> True while this worker is a full batch or more behind in it (a backlog)
+Lagging = Callable[[int], bool]
+
 
 async def _never(_partition: int) -> bool:
+    return False
+
+
+def _not_lagging(_partition: int) -> bool:
     return False
 
 
@@ -97,11 +104,13 @@ class DeadlineTimer:
         metrics: Metrics,
         lock: asyncio.Lock,
         partitions: int,
+        lagging: Lagging = _not_lagging,
     ) -> None:
         self.settings, self.processor, self.publisher = settings, processor, publisher
         self.deadlines, self.watermarks, self.baselines = deadlines, watermarks, baselines
         self.clusters, self.sizes, self.metrics, self.lock = clusters, sizes, metrics, lock
         self.partitions = partitions  # of the events topic (erasure clears every one)
+        self.lagging = lagging
         self.owned: set[int] = set()  # events partitions this worker owns now
         self._pending_read_at = self._sizes_read_at = float("-inf")
 
@@ -148,6 +157,11 @@ class DeadlineTimer:
         compare-and-set write as the timer, so a change is published once, with its id.
         A pass that began for an older model still finishes; the partition counts as swept
         to the version the pass began with, and a newer one starts another pass.
+
+        A partition this worker is a full batch or more behind in waits: its batches give
+        every user they write the current model's cluster, so the sweep's re-checks would
+        mostly repeat them, taking CPU and the lock from the catching up. Once it is caught
+        up, the sweep goes on from where it was.
         """
         if not self.clusters.enabled:
             return 0
@@ -162,6 +176,9 @@ class DeadlineTimer:
         for partition in owned:
             state = await self.deadlines.sweep_state(partition)
             if state.done >= snap.sweep_version:
+                continue
+            if self.lagging(partition):
+                behind += 1
                 continue
             wm = await self.watermarks.at(partition)
             if wm is None:  # nothing read from it yet: no time to decide at

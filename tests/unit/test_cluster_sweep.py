@@ -153,3 +153,22 @@ async def test_a_batch_waits_for_one_chunk_of_the_sweep_not_a_whole_pass(
     assert await sweep == 100  # CLUSTER_SWEEP_RATE 400 x 0.25 s
     assert chunks == [SWEEP_HOLD, SWEEP_HOLD, SWEEP_HOLD, 100 - 3 * SWEEP_HOLD]
     assert chunks_before_the_batch == 1
+
+
+async def test_the_sweep_waits_while_the_worker_is_behind_and_goes_on_once_caught_up(tmp_path: Path) -> None:
+    """Behind by a batch or more, the batches cluster whom they write: the sweep leaves the
+    partition's CPU and lock to them, and sweeps all of it once the worker caught up."""
+    rt, _segments = runtime(tmp_path)
+    records, archetype = backlog()
+    for i in range(0, len(records), 500):
+        await rt.batches.handle(records[i : i + 500])
+    await rt.clusters.train_once()
+    behind = True
+    rt.timer.lagging = lambda partition: behind
+    assert await rt.timer.sweep() == 0
+    assert rt.metrics.registry.get_sample_value("onboarding_cluster_sweep_partitions_behind") == 1
+    assert set((await clusters(rt, sorted(archetype))).values()) == {None}
+    behind = False
+    while await rt.timer.sweep():
+        pass
+    assert None not in (await clusters(rt, sorted(archetype))).values()
