@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from stream_app.outbox import outbox_key
 from stream_app.profile import Profile
 from stream_app.store.docpack import decode_doc, encode_doc
 from stream_app.store.keys import USER_KEY_KINDS, Keys
@@ -149,11 +150,11 @@ end
 """
 
 # KEYS: profile hash, dedup digests (string), legacy zset of digests, legacy zset of full ids.
-# ARGV: n, n digests, the n ids. Returns {version, doc, {1|0 per id}, published}.
+# ARGV: n, n digests, the n ids. Returns {version, doc, {1|0 per id}, published, outbox}.
 _LOAD_LUA = (
     _DIGESTS_LUA
     + """
-local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p')
+local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p', 'o')
 local n = tonumber(ARGV[1])
 local flags = {}
 if n > 0 then
@@ -170,26 +171,32 @@ if n > 0 then
     end
   end
 end
-return {r[1], r[2], flags, r[3]}
+return {r[1], r[2], flags, r[3], r[4]}
 """
 )
 
 # KEYS: profile hash. ARGV: outbox key. Only on an existing profile (erasure stays erasure).
+# The outbox itself goes once published (a newer one, another key, stays).
 _MARK_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', ARGV[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'p', ARGV[1])
+  local o = redis.call('HGET', KEYS[1], 'o')
+  if o and string.sub(o, 1, #ARGV[1] + 1) == ARGV[1] .. '\\n' then redis.call('HDEL', KEYS[1], 'o') end
+end
 return 0
 """
 
 # KEYS: profile hash, dedup digests (string), legacy zset of digests, legacy zset of full ids.
-# ARGV: expected version, doc, ttl s, now ms, dedup window ms, require-unseen flag,
-# forget-seen flag, n, n digests, the n ids ("" for an entry copied as a digest).
+# ARGV: expected version, doc (without its outbox), ttl s, now ms, dedup window ms,
+# require-unseen flag, forget-seen flag, outbox ("" for none), n, n digests, the n ids
+# ("" for an entry copied as a digest).
 # Returns the new version, -1 if the version moved, -2 if an id was already applied.
 _CAS_LUA = (
     _DIGESTS_LUA
     + """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -1 end
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local packed = false
 if n > 0 then packed = redis.call('GET', KEYS[2]) end
 local body, started, older = digest_body(packed)
@@ -198,13 +205,20 @@ if ARGV[6] == '1' and n > 0 then
   local digests = redis.call('EXISTS', KEYS[3]) == 1
   local legacy = redis.call('EXISTS', KEYS[4]) == 1
   for i = 1, n do
-    if has(ARGV[8 + i]) then return -2 end
-    if digests and redis.call('ZSCORE', KEYS[3], ARGV[8 + i]) then return -2 end
-    if legacy and redis.call('ZSCORE', KEYS[4], ARGV[8 + n + i]) then return -2 end
+    if has(ARGV[9 + i]) then return -2 end
+    if digests and redis.call('ZSCORE', KEYS[3], ARGV[9 + i]) then return -2 end
+    if legacy and redis.call('ZSCORE', KEYS[4], ARGV[9 + n + i]) then return -2 end
   end
 end
 redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+-- the outbox ("key\\n" .. messages) is kept apart and only while not known published
+local published = redis.call('HGET', KEYS[1], 'p')
+if ARGV[8] == '' or (published and string.sub(ARGV[8], 1, #published + 1) == published .. '\\n') then
+  redis.call('HDEL', KEYS[1], 'o')
+else
+  redis.call('HSET', KEYS[1], 'o', ARGV[8])
+end
 if ARGV[7] == '1' then redis.call('DEL', KEYS[2], KEYS[3], KEYS[4]) end
 if n > 0 then
   local now = math.floor(tonumber(ARGV[4]) / 1000)
@@ -217,7 +231,7 @@ if n > 0 then
     body, started, older = string.sub(body, older + 1), now, #body - older
   end
   local added = {body}
-  for i = 9, 8 + n do added[#added + 1] = ARGV[i] end
+  for i = 10, 9 + n do added[#added + 1] = ARGV[i] end
   if redis.call('EXISTS', KEYS[3]) == 1 then  -- digests kept in a sorted set before: moved here
     local before = redis.call('ZRANGE', KEYS[3], 0, -1)
     for i = 1, #before do added[#added + 1] = before[i] end
@@ -230,6 +244,21 @@ end
 return v + 1
 """
 )
+
+
+def _joined(raw: bytes | None, outbox: bytes | None) -> Profile | None:
+    """A stored document with its outbox back in place (none once published). A document
+    written before the outbox was kept apart (2026-12-02) still holds it."""
+    if raw is None:
+        return None
+    doc = decode_doc(raw)
+    engine = doc.get("engine")
+    if outbox:
+        doc.setdefault("engine", {})["outbox"] = orjson.loads(outbox[outbox.index(b"\n") + 1 :])
+    elif isinstance(engine, dict) and "outbox" not in engine:
+        engine["outbox"] = []
+    return doc
+
 
 #: bytes before the first digest of the dedup string (see ``_DIGESTS_LUA``)
 DEDUP_HEADER = 8
@@ -268,6 +297,23 @@ class RedisProfileStore(ProfileStore):
         k = self.keys
         return [k.profile(pid), k.dedup(pid), k.seen_digests(pid), k.seen(pid)]
 
+    def _split(self, doc: Profile) -> tuple[bytes, bytes]:
+        """The stored document without its outbox, and the outbox as ``key\\n`` + JSON (b"" if
+        empty): the outbox is kept apart so that its publication can drop it."""
+        engine = doc.get("engine")
+        if not isinstance(engine, dict) or "outbox" not in engine:
+            return self._encode(doc), b""
+        key = outbox_key(doc)
+        messages = engine.pop("outbox")
+        try:
+            raw = self._encode(doc)
+        finally:
+            engine["outbox"] = messages
+        return raw, (key.encode() + b"\n" + orjson.dumps(messages)) if key else b""
+
+    def _encode(self, doc: Profile) -> bytes:
+        return encode_doc(doc) if self.compress else orjson.dumps(doc)
+
     @staticmethod
     def _ids(message_ids: Sequence[str]) -> list[Any]:
         """n, the n digests, the n ids (for a legacy set; "" for an entry copied as a digest)."""
@@ -280,10 +326,9 @@ class RedisProfileStore(ProfileStore):
             [Eval("load", self._user_keys(pid), self._ids(requests[pid])) for pid in ids]
         )
         out: dict[str, Loaded] = {}
-        for pid, (version, raw, flags, *published) in zip(ids, replies, strict=True):
+        for pid, (version, raw, flags, mark, outbox) in zip(ids, replies, strict=True):
             seen = {m for m, flag in zip(requests[pid], flags, strict=True) if flag}
-            doc = decode_doc(raw) if raw is not None else None
-            mark = published[0] if published and published[0] is not None else None
+            doc = _joined(raw, outbox)
             out[pid] = Loaded(
                 doc,
                 int(version) if version is not None else 0,
@@ -300,23 +345,12 @@ class RedisProfileStore(ProfileStore):
         if not writes:
             return set()
         now_ms = int(self.clock() * 1000)
-        calls = [
-            Eval(
-                "cas",
-                self._user_keys(w.profile_id),
-                [
-                    w.expected_version,
-                    encode_doc(w.doc) if self.compress else orjson.dumps(w.doc),
-                    self.ttl_seconds,
-                    now_ms,
-                    self.dedup_window_ms,
-                    "1" if w.require_unseen else "0",
-                    "1" if w.forget_seen else "0",
-                    *self._ids(w.new_message_ids),
-                ],
-            )
-            for w in writes
-        ]
+        calls = []
+        for w in writes:
+            doc, outbox = self._split(w.doc)
+            flags = ("1" if w.require_unseen else "0", "1" if w.forget_seen else "0")
+            args = [w.expected_version, doc, self.ttl_seconds, now_ms, self.dedup_window_ms, *flags, outbox]
+            calls.append(Eval("cas", self._user_keys(w.profile_id), [*args, *self._ids(w.new_message_ids)]))
         replies = await self.scripts.pipeline(calls)
         return {w.profile_id for w, r in zip(writes, replies, strict=True) if int(r) < 0}
 
@@ -331,8 +365,8 @@ class RedisProfileStore(ProfileStore):
         return sorted(DIGEST_ENTRY + d.hex() for d in entries)
 
     async def get(self, profile_id: str) -> Profile | None:
-        raw: Any = await self.client.hget(self.keys.profile(profile_id), "d")
-        return decode_doc(raw) if raw is not None else None
+        fields: list[Any] = await self.client.hmget(self.keys.profile(profile_id), ["d", "o"])
+        return _joined(*fields)
 
     async def version(self, profile_id: str) -> int:
         raw = await self.client.hget(self.keys.profile(profile_id), "v")
@@ -366,8 +400,8 @@ class RedisProfileStore(ProfileStore):
             return []
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.hget(name, "d")
-        return [decode_doc(raw) for raw in await pipe.execute() if raw is not None]
+            pipe.hmget(name, ["d", "o"])
+        return [doc for raw, outbox in await pipe.execute() if (doc := _joined(raw, outbox)) is not None]
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from stream_app.outbox import segment_change, store_outbox, stored_outbox
 from stream_app.profile import new_profile
+from stream_app.store.docpack import decode_doc
 from stream_app.store.keys import USER_KEY_KINDS, Keys
 from stream_app.store.profiles import (
     DEDUP_HEADER,
@@ -253,3 +257,56 @@ async def test_on_the_redis_we_run_a_profile_and_its_dedup_set_stay_compact(priv
     assert await client.object("encoding", keys.profile("u1")) in (b"listpack", b"ziplist")
     assert len(await client.get(keys.dedup("u1")) or b"") == DEDUP_HEADER + 300 * 8  # 8 bytes per id
     await client.aclose()
+
+
+def with_outbox(user: str, *ids: str) -> dict[str, Any]:
+    doc = new_profile(user)
+    doc["engine"] = {"segments": [], "outbox": []}
+    store_outbox(doc, [segment_change({"change_id": i, "user_id": user, "segment": "s"}) for i in ids])
+    return doc
+
+
+async def test_an_outbox_is_stored_until_it_is_published(store: ProfileStore) -> None:
+    """A write's outbox loads with the profile until its publication is recorded; then the
+    profile loads with an empty one (Redis drops it), also after later writes of it."""
+    doc = with_outbox("ob", "c-1")
+    assert await store.save([Write("ob", 0, doc)]) == set()
+    assert (await store.load({"ob": []}))["ob"].doc == doc and await store.get("ob") == doc
+    await store.mark_published({"ob": "c-1"})
+    published = (await store.load({"ob": []}))["ob"]
+    assert published.published == "c-1" and stored_outbox(published.doc) in ([], stored_outbox(doc))
+    assert await store.save([Write("ob", 1, doc)]) == set()  # a write that kept the published outbox
+    assert stored_outbox((await store.load({"ob": []}))["ob"].doc) in ([], stored_outbox(doc))
+    newer = with_outbox("ob", "c-1", "c-2")  # carried and extended: another key, not published
+    assert await store.save([Write("ob", 2, newer)]) == set()
+    await store.mark_published({"ob": "c-1"})  # a late record of the older one changes nothing
+    assert (await store.load({"ob": []}))["ob"].doc == newer
+
+
+async def test_redis_keeps_a_published_outbox_nowhere(client: aioredis.Redis) -> None:
+    """Redis only: the outbox is a field of its own while unpublished, then gone; a document
+    written before that (its outbox inside, a published mark beside it) reads as before."""
+    keys = Keys("ob")
+    store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=3600)
+    doc = with_outbox("u", "c-1")
+    await store.save([Write("u", 0, doc)])
+    assert await client.hexists(keys.profile("u"), "o")
+    assert b"c-1" not in zlib_free(await client.hget(keys.profile("u"), "d"))
+    await store.mark_published({"u": "c-1"})
+    assert not await client.hexists(keys.profile("u"), "o")
+    assert stored_outbox(await store.get("u")) == []
+    await store.save([Write("u", 1, doc)])  # the published outbox written again: not stored again
+    assert not await client.hexists(keys.profile("u"), "o")
+    # the layout before: the outbox inside the document, its publication in `p`
+    old = with_outbox("old", "c-9")
+    await client.hset(keys.profile("old"), mapping={"v": 1, "d": orjson.dumps(old), "p": "c-9"})
+    loaded = (await store.load({"old": []}))["old"]
+    assert loaded.doc == old and loaded.published == "c-9"
+    await store.save([Write("old", 1, old)])  # its next write: published, so kept nowhere
+    assert not await client.hexists(keys.profile("old"), "o")
+    assert stored_outbox(await store.get("old")) == []
+
+
+def zlib_free(raw: bytes | None) -> bytes:
+    """The stored document's JSON, inflated if it was deflated."""
+    return orjson.dumps(decode_doc(raw or b"{}"))
