@@ -47,7 +47,8 @@ class Loaded:
     doc: Profile | None
     version: int
     seen: set[str] = field(default_factory=set)  # the asked-for messageIds already applied
-    #: the key of the last outbox of this profile known to have reached the broker (any worker)
+    #: the key of the outbox a document written before 2026-12-02 holds, if it was published
+    #: (since then a published outbox is dropped: no mark needed)
     published: str | None = None
 
 
@@ -67,8 +68,16 @@ class Write:
     forget_seen: bool = False
 
 
+def _never_published(key: str) -> bool:
+    return False
+
+
 class ProfileStore(abc.ABC):
     """Profiles with dedup memory. Every method is safe to retry."""
+
+    #: Outbox keys this process knows were published (the processor's memory, set by the
+    #: runtime): a write whose document still holds such an outbox does not store it again.
+    known_published: Callable[[str], bool] = staticmethod(_never_published)
 
     @abc.abstractmethod
     async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
@@ -175,14 +184,11 @@ return {r[1], r[2], flags, r[3], r[4]}
 """
 )
 
-# KEYS: profile hash. ARGV: outbox key. Only on an existing profile (erasure stays erasure).
-# The outbox itself goes once published (a newer one, another key, stays).
+# KEYS: profile hash. ARGV: outbox key. The outbox goes once published (a newer one, another
+# key, stays); nothing else is written, so an erased profile stays erased.
 _MARK_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'p', ARGV[1])
-  local o = redis.call('HGET', KEYS[1], 'o')
-  if o and string.sub(o, 1, #ARGV[1] + 1) == ARGV[1] .. '\\n' then redis.call('HDEL', KEYS[1], 'o') end
-end
+local o = redis.call('HGET', KEYS[1], 'o')
+if o and string.sub(o, 1, #ARGV[1] + 1) == ARGV[1] .. '\\n' then redis.call('HDEL', KEYS[1], 'o') end
 return 0
 """
 
@@ -212,12 +218,11 @@ if ARGV[6] == '1' and n > 0 then
 end
 redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
--- the outbox ("key\\n" .. messages) is kept apart and only while not known published
-local published = redis.call('HGET', KEYS[1], 'p')
-if ARGV[8] == '' or (published and string.sub(ARGV[8], 1, #published + 1) == published .. '\\n') then
-  redis.call('HDEL', KEYS[1], 'o')
-else
+-- the outbox ("key\\n" .. messages) is kept apart, and only while not known published; `p`
+-- (an outbox published inside the document, before 2026-12-02) no longer applies
+if ARGV[8] == '' then redis.call('HDEL', KEYS[1], 'o', 'p') else
   redis.call('HSET', KEYS[1], 'o', ARGV[8])
+  redis.call('HDEL', KEYS[1], 'p')
 end
 if ARGV[7] == '1' then redis.call('DEL', KEYS[2], KEYS[3], KEYS[4]) end
 if n > 0 then
@@ -299,7 +304,7 @@ class RedisProfileStore(ProfileStore):
 
     def _split(self, doc: Profile) -> tuple[bytes, bytes]:
         """The stored document without its outbox, and the outbox as ``key\\n`` + JSON (b"" if
-        empty): the outbox is kept apart so that its publication can drop it."""
+        empty or known published): kept apart, so that recording its publication drops it."""
         engine = doc.get("engine")
         if not isinstance(engine, dict) or "outbox" not in engine:
             return self._encode(doc), b""
@@ -309,7 +314,9 @@ class RedisProfileStore(ProfileStore):
             raw = self._encode(doc)
         finally:
             engine["outbox"] = messages
-        return raw, (key.encode() + b"\n" + orjson.dumps(messages)) if key else b""
+        if key is None or self.known_published(key):  # a published outbox is kept nowhere
+            return raw, b""
+        return raw, key.encode() + b"\n" + orjson.dumps(messages)
 
     def _encode(self, doc: Profile) -> bytes:
         return encode_doc(doc) if self.compress else orjson.dumps(doc)

@@ -181,6 +181,8 @@ class Runtime:
             identity=identity_rules(settings),
             rewards=self._count_rewards,
         )
+        # a write does not store again an outbox this process published (Redis keeps none)
+        s.profiles.known_published = self.processor.outbox.published
         self.publisher = Publisher(
             sinks, self.processor.outbox, self.metrics, s.profiles.mark_published, pulls=self._count_pulls
         )

@@ -1,4 +1,4 @@
-"""Segment changes, triggers and deadlines through the pipeline, on the in-memory stores.
+"""Segment changes, triggers and deadlines through the pipeline, on both profile stores.
 
 Covers the delivery guarantees that do not need a broker: the outbox written with the
 profile, re-published after a restart with the same ids, deadlines fired once even by
@@ -8,9 +8,12 @@ two timers, cancelled by completion and erasure.
 from __future__ import annotations
 
 import copy
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from stream_app.contract import ContractRules
 from stream_app.metrics import Metrics
@@ -20,7 +23,8 @@ from stream_app.pipeline import BatchOutcome, EventProcessor, TimerOutcome
 from stream_app.profile import ProfileRules
 from stream_app.reactions import ReactionContext
 from stream_app.segments.rules import load_segments
-from stream_app.store.profiles import InMemoryProfileStore
+from stream_app.store.keys import Keys
+from stream_app.store.profiles import InMemoryProfileStore, ProfileStore, RedisProfileStore
 from stream_app.triggers.config import parse_config
 from tests.unit.test_pipeline import T0, ev, records, track
 
@@ -43,9 +47,28 @@ def context(**changes: Any) -> ReactionContext:
     return ReactionContext(load_segments(CONFIG_DIR / "segments.toml"), parse_config(raw), ProfileRules())
 
 
-def processor(store: InMemoryProfileStore, ctx: ReactionContext | None = None) -> EventProcessor:
+StoreFactory = Callable[[], ProfileStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def new_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Each scenario on both implementations (Redis: the suite's private server); each call,
+    a store of its own (a fresh key prefix)."""
+    if request.param == "memory":
+        yield InMemoryProfileStore
+        return
+    client = aioredis.Redis.from_url(request.getfixturevalue("private_redis_url"))
+    yield lambda: RedisProfileStore(client, Keys(f"r{uuid.uuid4().hex[:8]}"), 3600, 3600)
+    await client.aclose()
+
+
+def processor(store: ProfileStore, ctx: ReactionContext | None = None) -> EventProcessor:
+    """A worker process on ``store``'s data: on Redis with a client of its own, which knows
+    what this process published, as the runtime wires it."""
     ctx = ctx or context()
-    return EventProcessor(
+    if isinstance(store, RedisProfileStore):
+        store = RedisProfileStore(store.client, store.keys, store.ttl_seconds, store.dedup_window_ms // 1000)
+    p = EventProcessor(
         store,
         ContractRules(pii_salt=b"s"),
         ProfileRules(),
@@ -53,6 +76,8 @@ def processor(store: InMemoryProfileStore, ctx: ReactionContext | None = None) -
         clock=lambda: T0 / 1000,
         reactions=lambda: ctx,
     )
+    store.known_published = p.outbox.published
+    return p
 
 
 async def process(p: EventProcessor, recs: Any) -> BatchOutcome:
@@ -79,8 +104,8 @@ def start(uid: str = "u1", at: int = 0, step: str = "profile", mid: str = "s1") 
     return track("Onboarding Step Started", mid, uid=uid, at=at, flow="signup", step=step)
 
 
-async def test_events_publish_segment_changes_and_schedule_the_stall() -> None:
-    store = InMemoryProfileStore()
+async def test_events_publish_segment_changes_and_schedule_the_stall(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store)
     out = await process(p, records(start()))
     assert out.deadlines == {0: {"u1": T0 + 120_000}}
@@ -91,8 +116,8 @@ async def test_events_publish_segment_changes_and_schedule_the_stall() -> None:
     assert doc is not None and doc["engine"]["segments"] == ["passive"]
 
 
-async def test_the_timer_fires_once_even_when_two_timers_race() -> None:
-    store = InMemoryProfileStore()
+async def test_the_timer_fires_once_even_when_two_timers_race(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store)
     await process(p, records(start()))
     early = await fire(p, [("u1", T0 + 120_000)], T0 + 100_000)
@@ -108,8 +133,8 @@ async def test_the_timer_fires_once_even_when_two_timers_race() -> None:
     assert doc is not None and len(doc["engine"]["fired"]) == 1
 
 
-async def test_completion_cancels_the_stall() -> None:
-    store = InMemoryProfileStore()
+async def test_completion_cancels_the_stall(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store)
     await process(p, records(start()))
     done = await process(
@@ -124,8 +149,8 @@ async def test_completion_cancels_the_stall() -> None:
     assert sent(fired, TRIGGERS) == []
 
 
-async def test_a_user_who_said_no_gets_no_trigger_and_leaves_segments() -> None:
-    store = InMemoryProfileStore()
+async def test_a_user_who_said_no_gets_no_trigger_and_leaves_segments(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store)
     await process(p, records(start()))
     no = ev(
@@ -144,8 +169,8 @@ async def test_a_user_who_said_no_gets_no_trigger_and_leaves_segments() -> None:
     assert sent(fired, TRIGGERS) == [] and ("stalled_step", "consent") in fired.suppressed
 
 
-async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -> None:
-    store = InMemoryProfileStore()
+async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids(new_store: StoreFactory) -> None:
+    store = new_store()
     batch = records(start(), track("Onboarding Completed", "oc", at=10, flow="signup"))
     first = await processor(store).process(batch)  # written; then the worker dies before publishing
     assert sent(first, TRIGGERS)
@@ -157,10 +182,12 @@ async def test_an_outbox_cut_off_by_a_crash_is_republished_with_the_same_ids() -
     assert (await restarted.process(batch)).outbox == []  # published once here: not again
 
 
-async def test_an_outbox_recorded_as_published_is_not_sent_again_by_another_process() -> None:
+async def test_an_outbox_recorded_as_published_is_not_sent_again_by_another_process(
+    new_store: StoreFactory,
+) -> None:
     """A rolling restart or a rebalance: the next process to load the profile learns from the
     store that its outbox went out, and sends only what is new."""
-    store = InMemoryProfileStore()
+    store = new_store()
     first = await processor(store).process(records(start()))
     assert first.outbox
     await store.mark_published(dict(first.outbox_keys))  # what the Publisher does after sending
@@ -172,11 +199,13 @@ async def test_an_outbox_recorded_as_published_is_not_sent_again_by_another_proc
     assert later.outbox and not {m.id for m in later.outbox} & old_ids
 
 
-async def test_a_cached_profile_whose_publication_this_process_forgot_is_not_sent_again() -> None:
+async def test_a_cached_profile_whose_publication_this_process_forgot_is_not_sent_again(
+    new_store: StoreFactory,
+) -> None:
     """The profile cache outlives the bounded memory of published outboxes: a user idle
     while many others' outboxes went out is read from the cache, and the store (not the
     forgotten memory) says that their outbox was published (the soak's same-id copies)."""
-    store = InMemoryProfileStore()
+    store = new_store()
     p = processor(store)
     p.cache.max_entries = 100
     p.outbox.memory = 2
@@ -190,16 +219,18 @@ async def test_a_cached_profile_whose_publication_this_process_forgot_is_not_sen
     assert not {m.id for m in later.outbox} & {m.id for m in first.outbox}
 
 
-async def test_a_published_mark_never_recreates_an_erased_profile() -> None:
-    store = InMemoryProfileStore()
+async def test_a_published_mark_never_recreates_an_erased_profile(new_store: StoreFactory) -> None:
+    store = new_store()
     await store.mark_published({"ghost": "t-1"})
     assert await store.get("ghost") is None and (await store.load({"ghost": []}))["ghost"].published is None
 
 
-async def test_messages_survive_two_crashes_when_the_profile_changes_in_between() -> None:
+async def test_messages_survive_two_crashes_when_the_profile_changes_in_between(
+    new_store: StoreFactory,
+) -> None:
     """Batch 1 is written and not published; batch 2 (new events, a new outbox) is written
     and not published either: the redelivery after the second crash still sends both."""
-    store = InMemoryProfileStore()
+    store = new_store()
     one = records(start())
     two = records(track("Onboarding Completed", "oc", at=10, flow="signup"))
     first = await processor(store).process(one)  # crash before publishing
@@ -211,16 +242,16 @@ async def test_messages_survive_two_crashes_when_the_profile_changes_in_between(
         assert m.id in ids
 
 
-async def test_erasure_drops_pending_messages_and_deadlines() -> None:
-    store = InMemoryProfileStore()
+async def test_erasure_drops_pending_messages_and_deadlines(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store)
     out = await process(p, records(start(), track("Data Deletion Requested", "del", at=2)))
     assert out.outbox == [] and out.deadlines == {0: {}}
     assert await store.get("u1") is None
 
 
-async def test_holdout_users_go_to_the_holdout_topic() -> None:
-    store = InMemoryProfileStore()
+async def test_holdout_users_go_to_the_holdout_topic(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store, context(stalled_step={"holdout": 1.0}))
     await process(p, records(start()))
     fired = await fire(p, [("u1", T0 + 120_000)], T0 + 130_000)
@@ -228,8 +259,10 @@ async def test_holdout_users_go_to_the_holdout_topic() -> None:
 
 
 @pytest.mark.parametrize("crash_after", ["write", "publish"])
-async def test_timer_replay_after_a_crash_sends_the_same_trigger(crash_after: str) -> None:
-    store = InMemoryProfileStore()
+async def test_timer_replay_after_a_crash_sends_the_same_trigger(
+    crash_after: str, new_store: StoreFactory
+) -> None:
+    store = new_store()
     await processor(store).process(records(start()))
     due = [("u1", T0 + 120_000)]
     first = await processor(store).fire(0, due, T0 + 130_000)
@@ -252,8 +285,8 @@ def _validator(name: str) -> Any:
     return Draft202012Validator(json.loads((SCHEMAS_DIR / name).read_text()))
 
 
-async def test_messages_match_their_published_schemas() -> None:
-    store = InMemoryProfileStore()
+async def test_messages_match_their_published_schemas(new_store: StoreFactory) -> None:
+    store = new_store()
     p = processor(store, context(stalled_step={"holdout": 0.5}))
     out = await process(
         p,
@@ -274,10 +307,10 @@ async def test_messages_match_their_published_schemas() -> None:
     assert kinds >= {SEGMENTS, TRIGGERS} or kinds >= {SEGMENTS, HOLDOUT}
 
 
-async def test_an_anonymous_ids_memberships_end_when_it_is_linked() -> None:
+async def test_an_anonymous_ids_memberships_end_when_it_is_linked(new_store: StoreFactory) -> None:
     """A visitor's profile joins segments before they identify; the link ends those
     memberships (published once, sizes decremented) and the user carries on."""
-    store = InMemoryProfileStore()
+    store = new_store()
     p = processor(store)
     visit = await process(p, records(start(uid="", mid="a1") | {"anonymousId": "anon-7"}))
     joined = {c["segment"] for c in sent(visit, SEGMENTS) if c["user_id"] == "anon-7"}
@@ -295,8 +328,8 @@ async def test_an_anonymous_ids_memberships_end_when_it_is_linked() -> None:
     assert again.size_deltas == {}
 
 
-async def test_link_exits_survive_a_crash_before_publishing() -> None:
-    store = InMemoryProfileStore()
+async def test_link_exits_survive_a_crash_before_publishing(new_store: StoreFactory) -> None:
+    store = new_store()
     await process(processor(store), records(start(uid="", mid="a1") | {"anonymousId": "anon-8"}))
     crashed = processor(store)
     await crashed.process(records(ev("identify", "i1", uid="u8", anon="anon-8", at=5)))  # never published
@@ -306,11 +339,11 @@ async def test_link_exits_survive_a_crash_before_publishing() -> None:
     assert exits and all(c["change"] == "exited" for c in exits)
 
 
-async def test_a_visitors_unpublished_entries_go_out_ahead_of_the_link_exits() -> None:
+async def test_a_visitors_unpublished_entries_go_out_ahead_of_the_link_exits(new_store: StoreFactory) -> None:
     """The visitor's worker wrote its segment entries and died before publishing them; the
     identify arrives on another worker, which tombstones the visitor: the entries are sent
     with the target's outbox, before the exits, so no consumer sees an exit without an entry."""
-    store = InMemoryProfileStore()
+    store = new_store()
     died = processor(store)
     visit = await died.process(records(start(uid="", mid="a1") | {"anonymousId": "anon-9"}))  # not published
     entered = [c for c in sent(visit, SEGMENTS) if c["user_id"] == "anon-9"]
