@@ -190,6 +190,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     env = {**env, "TOPIC_EVENTS": topic, "APP_ID": f"lat-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": "lat"}
     proc, url = start_worker(env)
     base = scrape(url + "/metrics")
+    cpu_before = cpu_seconds(proc.pid)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     needed = int(rate * seconds) + 100
     users = generate_users(needed // 40 + 50, seed=int(time.time()))
@@ -220,6 +221,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
         time.sleep(0.25)
     m = scrape(url + "/metrics")
     timeline.append((time.perf_counter() - t0, m))
+    cpu = cpu_seconds(proc.pid) - cpu_before  # the worker's, over the live load and its drain
     proc.terminate()
     proc.wait(20)
     slow = []  # (second of the run, events written then, of which slower than SLOW_S)
@@ -246,6 +248,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
         # full garbage collections during the run, and the time they stopped the worker
         "gc2_count": total(m, GC + "_count", generation="2") - total(base, GC + "_count", generation="2"),
         "gc2_s": total(m, GC + "_sum", generation="2") - total(base, GC + "_sum", generation="2"),
+        "cpu_us_per_event": cpu / max(1, sent) * 1e6,
     }
 
 
@@ -335,7 +338,7 @@ def main() -> None:
             f"p99 {lat['warm_p99_s'] * 1000:.0f} ms); batches: "
             f"{lat['batch_size_p50']:.0f} events (p50), processing p50 {lat['batch_p50_s'] * 1000:.0f} ms, "
             f"p99 {lat['batch_p99_s'] * 1000:.0f} ms; full GCs {lat['gc2_count']:.0f}, "
-            f"{lat['gc2_s'] * 1000:.0f} ms in all"
+            f"{lat['gc2_s'] * 1000:.0f} ms in all; worker CPU {lat['cpu_us_per_event']:.0f} µs per event"
         )
         console.print(
             f"seconds with the most events slower than {SLOW_S * 1000:.0f} ms "
