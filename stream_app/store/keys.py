@@ -62,7 +62,8 @@ class Keys:
 
     # --- per user: all share {tag} -------------------------------------------------
     def profile(self, user: str) -> str:
-        """Hash: ``v`` (version, for compare-and-set) and ``d`` (the JSON document)."""
+        """Hash: ``v`` (version, for compare-and-set), ``d`` (the document) and, until it is
+        published, ``o`` (the outbox of the last write)."""
         return self.user_key("p", user)
 
     def dedup(self, user: str) -> str:

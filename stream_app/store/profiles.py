@@ -1,9 +1,11 @@
 """The profile store: one interface, a Redis implementation and an in-memory twin.
 
-A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v`` and the document
-``d`` (JSON, deflated against a fixed dictionary when that is smaller: under a quarter of
-the bytes of a typical profile, :mod:`stream_app.store.docpack`). The applied messageIds
-live in the string ``{prefix}:dd:{user}`` as packed 64-bit digests (8 bytes instead of a
+A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v``, the document ``d``
+(JSON, deflated against a fixed dictionary when that is smaller: under a quarter of the
+bytes of a typical profile, :mod:`stream_app.store.docpack`) and, only until its
+publication is recorded, the outbox of its last write ``o`` (``key\\n`` + JSON; documents
+written before 2026-12-02 hold theirs inside, with its published mark ``p``). The applied
+messageIds live in the string ``{prefix}:dd:{user}`` as packed 64-bit digests (8 bytes instead of a
 36-character UUID; a collision between two of one user's ids within the dedup window has
 odds of ~1e-16), in two generations: the first write a window after the current
 generation began drops the older one, so an id is remembered between one and two
