@@ -6,7 +6,8 @@ per events partition, the offset of the last completion folded in from it (field
 completed the step is above its partition's mark, so folding it again (a redelivery, a
 replay after a crash) changes nothing. This holds because one partition's records are
 applied in offset order (one batch in flight per worker; a zombie and its successor apply
-the same records, and the later writer skips what the earlier one folded), and because
+the same records, and the later writer skips what the earlier one folded; a linked id's
+events, redirected to its user, fold in the same call as the rest of their batch), and because
 the pipeline folds durations in *before* it writes the profiles: a completion the stored
 profile holds was counted, so a duplicate a client resent (at another offset) needs
 nothing from here. The dedup memory is one number per partition and step, not an entry per
