@@ -67,7 +67,7 @@ class Keys:
         return self.user_key("p", user)
 
     def dedup(self, user: str) -> str:
-        """String: applied messageIds' 64-bit digests, packed in two generations (dedup window;
+        """String: applied messageIds' 48-bit digests, packed in two generations (dedup window;
         layout in :mod:`stream_app.store.profiles`)."""
         return self.user_key("dd", user)
 

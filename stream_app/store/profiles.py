@@ -5,13 +5,15 @@ A profile is one Redis hash ``{prefix}:p:{user}`` with a version ``v``, the docu
 bytes of a typical profile, :mod:`stream_app.store.docpack`) and, only until its
 publication is recorded, the outbox of its last write ``o`` (``key\\n`` + JSON; documents
 written before 2026-12-02 hold theirs inside, with its published mark ``p``). The applied
-messageIds live in the string ``{prefix}:dd:{user}`` as packed 64-bit digests (8 bytes instead of a
-36-character UUID; a collision between two of one user's ids within the dedup window has
-odds of ~1e-16), in two generations: the first write a window after the current
+messageIds live in the string ``{prefix}:dd:{user}`` as packed 48-bit digests (6 bytes instead
+of a 36-character UUID; a new id is taken for one of the n ids its user has in memory with
+odds of n / 2^48, ~2e-13 for 50: about one event dropped per 5e12 applied; 8-byte digests
+until 2026-12-02 (later), read as their first 6 bytes), in two generations: the first write
+a window after the current
 generation began drops the older one, so an id is remembered between one and two
 DEDUP_WINDOW_SECONDS while the user is active, and the whole string expires a window after
 the user's last write (an idle user's profile is its document alone). Same hash tag, so
-one Lua script updates both, also on Redis Cluster. A string of 8-byte entries costs ~8
+one Lua script updates both, also on Redis Cluster. A string of 6-byte entries costs ~6
 bytes per id where a sorted set (the layout before 2026-12-02, ``{prefix}:sd:``, moved
 into the string at the user's next write) cost ~20. Sets of full messageIds written
 before 2026-12-01 (``{prefix}:seen:``) are still checked while they exist (they expire
@@ -128,13 +130,17 @@ class ProfileStore(abc.ABC):
         """Release connections."""
 
 
-# The dedup memory's layout (a string): 8 bytes of header, `>I4I4` = the second the current
-# generation began and the byte length of the older generation's entries, then the entries,
-# 8-byte digests, the older generation's first. Lua helpers shared by both scripts.
+# The dedup memory's layout (a string): a byte giving the entries' width (6), 8 bytes of
+# header `>I4I4` = the second the current generation began and the byte length of the older
+# generation's entries, then the entries, 48-bit digests, the older generation's first.
+# Strings written before 2026-12-02 (later) have no width byte and 8-byte entries (the same
+# digests, longer): they read as their entries' first 6 bytes and are stored so at the
+# user's next write. Lua helpers shared by both scripts.
 _DIGESTS_LUA = """
+local W = 6
 local function digest_set(body)
   local set = {}
-  for i = 1, #body, 8 do set[string.sub(body, i, i + 7)] = true end
+  for i = 1, #body, W do set[string.sub(body, i, i + W - 1)] = true end
   return set
 end
 -- is `d` one of the entries of `body`? (a scan for one or a few ids, a table for more)
@@ -148,15 +154,28 @@ local function digest_lookup(body, wanted)
     while true do
       local at = string.find(body, d, init, true)
       if not at then return false end
-      if (at - 1) % 8 == 0 then return true end
+      if (at - 1) % W == 0 then return true end
       init = at + 1
     end
   end
 end
 local function digest_body(packed)
   if not packed then return '', 0, 0 end
-  local started, older = struct.unpack('>I4I4', packed)
-  return string.sub(packed, 9), started, older
+  if string.byte(packed, 1) == W then
+    local started, older = struct.unpack('>I4I4', string.sub(packed, 2, 9))
+    return string.sub(packed, 10), started, older
+  end
+  local started, older = struct.unpack('>I4I4', packed)  -- 8-byte entries, no width byte
+  local entries = {}
+  for i = 9, #packed, 8 do entries[#entries + 1] = string.sub(packed, i, i + W - 1) end
+  return table.concat(entries), started, older / 8 * W
+end
+-- the digests of a sorted set written before the string (8-byte members), or nil if none
+local function zset_digests(key)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local set = {}
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do set[string.sub(m, 1, W)] = true end
+  return set
 end
 """
 
@@ -171,9 +190,10 @@ local flags = {}
 if n > 0 then
   local has = digest_lookup((digest_body(redis.call('GET', KEYS[2]))), n)
   for i = 1, n do flags[i] = has(ARGV[1 + i]) and 1 or 0 end
-  if redis.call('EXISTS', KEYS[3]) == 1 then
+  local before = zset_digests(KEYS[3])
+  if before then
     for i = 1, n do
-      if flags[i] == 0 and redis.call('ZSCORE', KEYS[3], ARGV[1 + i]) then flags[i] = 1 end
+      if flags[i] == 0 and before[ARGV[1 + i]] then flags[i] = 1 end
     end
   end
   if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -210,11 +230,11 @@ if n > 0 then packed = redis.call('GET', KEYS[2]) end
 local body, started, older = digest_body(packed)
 if ARGV[6] == '1' and n > 0 then
   local has = digest_lookup(body, n)
-  local digests = redis.call('EXISTS', KEYS[3]) == 1
+  local before = zset_digests(KEYS[3])
   local legacy = redis.call('EXISTS', KEYS[4]) == 1
   for i = 1, n do
     if has(ARGV[9 + i]) then return -2 end
-    if digests and redis.call('ZSCORE', KEYS[3], ARGV[9 + i]) then return -2 end
+    if before and before[ARGV[9 + i]] then return -2 end
     if legacy and redis.call('ZSCORE', KEYS[4], ARGV[9 + n + i]) then return -2 end
   end
 end
@@ -241,12 +261,13 @@ if n > 0 then
   for i = 10, 9 + n do added[#added + 1] = ARGV[i] end
   if redis.call('EXISTS', KEYS[3]) == 1 then  -- digests kept in a sorted set before: moved here
     local before = redis.call('ZRANGE', KEYS[3], 0, -1)
-    for i = 1, #before do added[#added + 1] = before[i] end
+    for i = 1, #before do added[#added + 1] = string.sub(before[i], 1, W) end
     redis.call('DEL', KEYS[3])
   end
   -- the memory outlives the last write by the dedup window, not by the profile's TTL:
   -- an idle user keeps the document only
-  redis.call('SET', KEYS[2], struct.pack('>I4I4', started, older) .. table.concat(added), 'EX', window)
+  local header = string.char(W) .. struct.pack('>I4I4', started, older)
+  redis.call('SET', KEYS[2], header .. table.concat(added), 'EX', window)
 end
 return v + 1
 """
@@ -267,8 +288,10 @@ def _joined(raw: bytes | None, outbox: bytes | None) -> Profile | None:
     return doc
 
 
-#: bytes before the first digest of the dedup string (see ``_DIGESTS_LUA``)
-DEDUP_HEADER = 8
+#: bytes of a dedup entry (a messageId's 48-bit digest), and before the first one in the
+#: dedup string (see ``_DIGESTS_LUA``); strings written before 2026-12-02 (later) had 8 and 8
+DIGEST_BYTES = 6
+DEDUP_HEADER = 9
 
 #: a dedup entry handed out by ``seen_ids`` (identity merges copy them): already a digest
 DIGEST_ENTRY = "\x1fsd:"
@@ -277,8 +300,8 @@ DIGEST_ENTRY = "\x1fsd:"
 def digest(message_id: str) -> bytes:
     """The dedup entry of a messageId (or of an entry ``seen_ids`` returned)."""
     if message_id.startswith(DIGEST_ENTRY):
-        return bytes.fromhex(message_id[len(DIGEST_ENTRY) :])
-    return hashlib.blake2b(message_id.encode(), digest_size=8).digest()
+        return bytes.fromhex(message_id[len(DIGEST_ENTRY) :])[:DIGEST_BYTES]
+    return hashlib.blake2b(message_id.encode(), digest_size=8).digest()[:DIGEST_BYTES]
 
 
 class RedisProfileStore(ProfileStore):
@@ -365,12 +388,13 @@ class RedisProfileStore(ProfileStore):
 
     async def seen_ids(self, profile_id: str) -> list[str]:
         """Entries to copy into another profile's dedup memory (digests, opaque to callers)."""
-        packed: Any = await self.client.get(self.keys.dedup(profile_id))
-        body = bytes(packed or b"")[DEDUP_HEADER:]
-        entries = {body[i : i + 8] for i in range(0, len(body), 8)}
+        raw: Any = await self.client.get(self.keys.dedup(profile_id))
+        packed = bytes(raw or b"")
+        width, start = (DIGEST_BYTES, DEDUP_HEADER) if packed[:1] == bytes([DIGEST_BYTES]) else (8, 8)
+        entries = {packed[i : i + DIGEST_BYTES] for i in range(start, len(packed), width)}
         digests: list[Any] = await self.client.zrange(self.keys.seen_digests(profile_id), 0, -1)
         legacy: list[Any] = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
-        entries |= {bytes(d) for d in digests} | {digest(bytes(m).decode()) for m in legacy}
+        entries |= {bytes(d)[:DIGEST_BYTES] for d in digests} | {digest(bytes(m).decode()) for m in legacy}
         return sorted(DIGEST_ENTRY + d.hex() for d in entries)
 
     async def get(self, profile_id: str) -> Profile | None:

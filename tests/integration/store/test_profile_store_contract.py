@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
 import orjson
@@ -14,6 +16,7 @@ from stream_app.store.docpack import decode_doc
 from stream_app.store.keys import USER_KEY_KINDS, Keys
 from stream_app.store.profiles import (
     DEDUP_HEADER,
+    DIGEST_BYTES,
     DIGEST_ENTRY,
     ProfileStore,
     RedisProfileStore,
@@ -189,7 +192,7 @@ async def test_ids_are_remembered_a_window_at_least_and_two_at_most(client: aior
     assert await write("m2", 601) == {"m0", "m1", "m2"}  # m0, m1 now the older generation
     assert await write("m3", 1201) == {"m2", "m3"}  # m0 and m1 were written over a window ago
     assert await write("m4", 1201 + 1200) == {"m4"}  # two windows since: all of it went
-    assert len(await client.get(keys.dedup("u")) or b"") == DEDUP_HEADER + 8
+    assert len(await client.get(keys.dedup("u")) or b"") == DEDUP_HEADER + DIGEST_BYTES
     assert 0 < await client.ttl(keys.dedup("u")) <= 600
 
 
@@ -199,7 +202,7 @@ async def test_digests_kept_in_a_sorted_set_count_and_move_to_the_string(client:
     keys = Keys("mv")
     store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=3600)
     await store.save([Write("u", 0, new_profile("u"))])
-    await client.zadd(keys.seen_digests("u"), {digest("old-1"): 1_000, digest("old-2"): 1_000})
+    await client.zadd(keys.seen_digests("u"), {digest8("old-1"): 1_000, digest8("old-2"): 1_000})
     assert (await store.load({"u": ["old-1", "new"]}))["u"].seen == {"old-1"}
     assert await store.save([Write("u", 1, new_profile("u"), ["old-2"])]) == {"u"}  # applied before
     assert await store.save([Write("u", 1, new_profile("u"), ["new"])]) == set()
@@ -210,6 +213,39 @@ async def test_digests_kept_in_a_sorted_set_count_and_move_to_the_string(client:
         "new",
     }
     assert len(await store.seen_ids("u")) == 3
+
+
+def digest8(message_id: str) -> bytes:
+    """A messageId's digest as written before 2026-12-02 (later): 8 bytes."""
+    return hashlib.blake2b(message_id.encode(), digest_size=8).digest()
+
+
+async def test_a_string_of_8_byte_digests_counts_and_is_stored_shorter_at_the_next_write(
+    client: aioredis.Redis,
+) -> None:
+    """Redis only: the dedup string as written before 2026-12-02 (later; no width byte, 8-byte
+    entries, two generations) is still read, and the next write stores it in 6-byte entries."""
+    keys = Keys("w8")
+    now = 1_800_000_000
+    store = RedisProfileStore(client, keys, ttl_seconds=3600, dedup_window_seconds=600, clock=lambda: now)
+    await store.save([Write("u", 0, new_profile("u"))])
+    older, current = [digest8("o1"), digest8("o2")], [digest8(f"c{i}") for i in range(12)]
+    header = struct.pack(">II", now - 700, 16)  # the current generation began 700 s ago
+    await client.set(keys.dedup("u"), header + b"".join(older + current), ex=600)
+    every = ["o1", "o2", *(f"c{i}" for i in range(12))]
+    assert (await store.load({"u": [*every, "new"]}))["u"].seen == set(every)  # a table (>8 ids)
+    assert (await store.load({"u": ["c11", "new"]}))["u"].seen == {"c11"}  # a scan
+    assert await store.save([Write("u", 1, new_profile("u"), ["c3"])]) == {"u"}  # applied before
+    assert len(set(await store.seen_ids("u"))) == 14
+    assert await store.save([Write("u", 1, new_profile("u"), ["new"])]) == set()
+    # a window after the current generation began: the older one (o1, o2) went
+    packed = await client.get(keys.dedup("u")) or b""
+    assert packed[:1] == bytes([DIGEST_BYTES]) and len(packed) == DEDUP_HEADER + 13 * DIGEST_BYTES
+    remembered = (await store.load({"u": [*every, "new"]}))["u"].seen
+    assert remembered == {*every[2:], "new"}
+    assert sorted(await store.seen_ids("u")) == sorted(
+        DIGEST_ENTRY + digest(m).hex() for m in [*every[2:], "new"]
+    )
 
 
 async def test_many_ids_at_once_are_checked_like_one(store: ProfileStore) -> None:
@@ -255,7 +291,7 @@ async def test_on_the_redis_we_run_a_profile_and_its_dedup_set_stay_compact(priv
     await store.save([Write("u1", 0, doc, [f"m{i}" for i in range(300)])])
     assert len(await client.hget(keys.profile("u1"), "d") or b"") > 64  # past Redis' default
     assert await client.object("encoding", keys.profile("u1")) in (b"listpack", b"ziplist")
-    assert len(await client.get(keys.dedup("u1")) or b"") == DEDUP_HEADER + 300 * 8  # 8 bytes per id
+    assert len(await client.get(keys.dedup("u1")) or b"") == DEDUP_HEADER + 300 * DIGEST_BYTES
     await client.aclose()
 
 
