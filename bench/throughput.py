@@ -190,7 +190,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     env = {**env, "TOPIC_EVENTS": topic, "APP_ID": f"lat-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": "lat"}
     proc, url = start_worker(env)
     base = scrape(url + "/metrics")
-    cpu_before = cpu_seconds(proc.pid)
+    cpu_before, redis_before = cpu_seconds(proc.pid), redis_cpu_seconds(env["REDIS_URL"])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     needed = int(rate * seconds) + 100
     users = generate_users(needed // 40 + 50, seed=int(time.time()))
@@ -222,6 +222,7 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     m = scrape(url + "/metrics")
     timeline.append((time.perf_counter() - t0, m))
     cpu = cpu_seconds(proc.pid) - cpu_before  # the worker's, over the live load and its drain
+    redis_cpu = redis_cpu_seconds(env["REDIS_URL"]) - redis_before
     proc.terminate()
     proc.wait(20)
     slow = []  # (second of the run, events written then, of which slower than SLOW_S)
@@ -249,7 +250,17 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
         "gc2_count": total(m, GC + "_count", generation="2") - total(base, GC + "_count", generation="2"),
         "gc2_s": total(m, GC + "_sum", generation="2") - total(base, GC + "_sum", generation="2"),
         "cpu_us_per_event": cpu / max(1, sent) * 1e6,
+        "redis_cpu_us_per_event": redis_cpu / max(1, sent) * 1e6,
+        # the target's own terms: the share of events (after the warm-up) written within 100 ms
+        "warm_within_100ms": within(m, warm, 0.1),
     }
+
+
+def within(m: Any, base: Any, bound: float) -> float:
+    """Share of the latency histogram's increase since ``base`` at or below ``bound`` (a bucket)."""
+    n = total(m, LATENCY + "_count") - total(base, LATENCY + "_count")
+    fast = total(m, LATENCY + "_bucket", le=str(bound)) - total(base, LATENCY + "_bucket", le=str(bound))
+    return fast / n if n else 0.0
 
 
 def bench_env(bootstrap: str, redis_url: str, topic: str | None = None) -> dict[str, str]:
@@ -338,7 +349,9 @@ def main() -> None:
             f"p99 {lat['warm_p99_s'] * 1000:.0f} ms); batches: "
             f"{lat['batch_size_p50']:.0f} events (p50), processing p50 {lat['batch_p50_s'] * 1000:.0f} ms, "
             f"p99 {lat['batch_p99_s'] * 1000:.0f} ms; full GCs {lat['gc2_count']:.0f}, "
-            f"{lat['gc2_s'] * 1000:.0f} ms in all; worker CPU {lat['cpu_us_per_event']:.0f} µs per event"
+            f"{lat['gc2_s'] * 1000:.0f} ms in all; CPU per event: worker {lat['cpu_us_per_event']:.0f} µs, "
+            f"Redis {lat['redis_cpu_us_per_event']:.0f} µs; after the first {WARMUP_S:.0f} s, "
+            f"{lat['warm_within_100ms']:.1%} of events were written within 100 ms"
         )
         console.print(
             f"seconds with the most events slower than {SLOW_S * 1000:.0f} ms "
