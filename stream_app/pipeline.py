@@ -406,8 +406,14 @@ class EventProcessor:
             self.metrics.step_stats_updates.inc(len(durations))
 
     async def _load(self, pending: dict[str, list[Event]]) -> dict[str, Loaded]:
+        """The profiles of ``pending``. A cached document is used only once the store confirms
+        its version (the reply then carries no document): a stale one, left by a write from
+        another worker (a handover, a linked id's events), would make this round fold
+        differently from the retry after its write conflicts, and a step duration first found
+        in the retry would fall below its partition's mark in the statistics (the rolling-
+        restart e2e saw this). The confirmation also tells which messageIds were applied."""
         t0 = time.perf_counter()
-        loaded: dict[str, Loaded] = {}
+        held: dict[str, tuple[int, Profile]] = {}
         for pid in pending:
             hit = self.cache.get(pid)
             if hit is None:
@@ -418,10 +424,15 @@ class EventProcessor:
                 # Not known here as published (never, or forgotten by the bounded memory while
                 # the document stayed cached): only the store's mark can tell. Read it there.
                 continue
-            loaded[pid] = Loaded(doc, hit[0])
-        to_read = {pid: [e.message_id for e in evs] for pid, evs in pending.items() if pid not in loaded}
-        if to_read:
-            loaded.update(self.outbox.learn(await self.store.load(to_read)))
+            held[pid] = (hit[0], doc)
+        requests = {pid: [e.message_id for e in evs] for pid, evs in pending.items()}
+        known = {pid: version for pid, (version, _doc) in held.items()}
+        loaded = dict(self.outbox.learn(await self.store.load(requests, known)))
+        for pid, entry in loaded.items():
+            if entry.current:
+                entry.doc = held[pid][1]
+            elif pid in held:
+                self.cache.pop(pid)
         self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
         return loaded
 

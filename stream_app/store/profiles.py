@@ -54,6 +54,9 @@ class Loaded:
     #: the key of the outbox a document written before 2026-12-02 holds, if it was published
     #: (since then a published outbox is dropped: no mark needed)
     published: str | None = None
+    #: the caller's copy (``known`` to :meth:`ProfileStore.load`) is the stored version: the
+    #: document was not sent back (``doc`` is None)
+    current: bool = False
 
 
 @dataclass(slots=True)
@@ -84,8 +87,14 @@ class ProfileStore(abc.ABC):
     known_published: Callable[[str], bool] = staticmethod(_never_published)
 
     @abc.abstractmethod
-    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
-        """For each profile id: its document, version, and which of the given messageIds it has seen."""
+    async def load(
+        self, requests: Mapping[str, Sequence[str]], known: Mapping[str, int] | None = None
+    ) -> dict[str, Loaded]:
+        """For each profile id: its document, version, and which of the given messageIds it has seen.
+
+        ``known``: ids whose document the caller holds at that version (a cache). Where the
+        stored version is still that one, the document is not sent back (``Loaded.current``).
+        """
 
     @abc.abstractmethod
     async def save(self, writes: Sequence[Write]) -> set[str]:
@@ -180,11 +189,15 @@ end
 """
 
 # KEYS: profile hash, dedup digests (string), legacy zset of digests, legacy zset of full ids.
-# ARGV: n, n digests, the n ids. Returns {version, doc, {1|0 per id}, published, outbox}.
+# ARGV: the version the caller holds ("" for none), n, n digests, the n ids.
+# Returns {version, doc, {1|0 per id}, published, outbox, 1|0: the caller's version is current
+# (then no doc, no outbox)}.
 _LOAD_LUA = (
     _DIGESTS_LUA
     + """
 local r = redis.call('HMGET', KEYS[1], 'v', 'd', 'p', 'o')
+local current = ARGV[1] ~= '' and r[1] ~= false and r[1] == ARGV[1]
+table.remove(ARGV, 1)
 local n = tonumber(ARGV[1])
 local flags = {}
 if n > 0 then
@@ -202,7 +215,8 @@ if n > 0 then
     end
   end
 end
-return {r[1], r[2], flags, r[3], r[4]}
+if current then return {r[1], false, flags, r[3], false, 1} end
+return {r[1], r[2], flags, r[3], r[4], 0}
 """
 )
 
@@ -352,20 +366,26 @@ class RedisProfileStore(ProfileStore):
         raws = ["" if m.startswith(DIGEST_ENTRY) else m for m in message_ids]
         return [len(message_ids), *(digest(m) for m in message_ids), *raws]
 
-    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
+    async def load(
+        self, requests: Mapping[str, Sequence[str]], known: Mapping[str, int] | None = None
+    ) -> dict[str, Loaded]:
         ids = list(requests)
+        held = known or {}
         replies = await self.scripts.pipeline(
-            [Eval("load", self._user_keys(pid), self._ids(requests[pid])) for pid in ids]
+            [
+                Eval("load", self._user_keys(pid), [held.get(pid, ""), *self._ids(requests[pid])])
+                for pid in ids
+            ]
         )
         out: dict[str, Loaded] = {}
-        for pid, (version, raw, flags, mark, outbox) in zip(ids, replies, strict=True):
+        for pid, (version, raw, flags, mark, outbox, current) in zip(ids, replies, strict=True):
             seen = {m for m, flag in zip(requests[pid], flags, strict=True) if flag}
-            doc = _joined(raw, outbox)
             out[pid] = Loaded(
-                doc,
+                None if current else _joined(raw, outbox),
                 int(version) if version is not None else 0,
                 seen,
                 mark.decode() if isinstance(mark, bytes) else mark,
+                current=bool(current),
             )
         return out
 
@@ -448,16 +468,20 @@ class InMemoryProfileStore(ProfileStore):
         self.seen: dict[str, dict[str, int]] = {}
         self.published: dict[str, str] = {}
 
-    async def load(self, requests: Mapping[str, Sequence[str]]) -> dict[str, Loaded]:
+    async def load(
+        self, requests: Mapping[str, Sequence[str]], known: Mapping[str, int] | None = None
+    ) -> dict[str, Loaded]:
         out: dict[str, Loaded] = {}
         for pid, msg_ids in requests.items():
             version, raw = self.profiles.get(pid, (0, b""))
             remembered = self.seen.get(pid, {})
+            current = bool(raw) and (known or {}).get(pid) == version
             out[pid] = Loaded(
-                orjson.loads(raw) if raw else None,
+                None if current or not raw else orjson.loads(raw),
                 version,
                 {m for m in msg_ids if m in remembered},
                 self.published.get(pid),
+                current=current,
             )
         return out
 

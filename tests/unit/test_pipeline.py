@@ -442,3 +442,24 @@ async def test_a_completion_redirected_from_a_linked_id_counts_beside_later_reco
     assert done is not None and "account" in done["onboarding"]["signup"]["completed_steps"]
     counted = await stats.get("signup", "account")
     assert counted is not None and (counted.count, counted.mean_s) == (2, 35.0)
+
+
+async def test_a_cached_document_another_worker_changed_is_read_again_before_the_fold() -> None:
+    # Found by the rolling-restart e2e (again one signup/account too few): a worker folded a
+    # batch on its cached copy of u1, older than the store's (another worker had written the
+    # step start since); the write conflicted, and the retry found the completion's duration
+    # only then, below the mark the first round had set with u2's later completion.
+    store, stats = InMemoryProfileStore(), InMemoryStepStatsStore()
+    a, b = Harness(store, cache_size=10), Harness(store)
+    a.processor.step_stats = b.processor.step_stats = stats.add
+    account = {"flow": "signup", "step": "account"}
+    await a.run(track("Feature Used", "f1", uid="u1", at=0, feature="x"))  # a caches u1
+    await b.run(track("Onboarding Step Started", "s1", uid="u1", at=1, **account))  # u1 moves on
+    await b.run(track("Onboarding Step Started", "s2", uid="u2", at=1, **account))
+    out = await a.run(
+        track("Onboarding Step Completed", "c1", uid="u1", at=31, **account),
+        track("Onboarding Step Completed", "c2", uid="u2", at=41, **account),
+    )
+    assert out.applied == 2
+    counted = await stats.get("signup", "account")
+    assert counted is not None and (counted.count, counted.mean_s) == (2, 35.0)

@@ -18,6 +18,7 @@ from stream_app.store.profiles import (
     DEDUP_HEADER,
     DIGEST_BYTES,
     DIGEST_ENTRY,
+    InMemoryProfileStore,
     ProfileStore,
     RedisProfileStore,
     Write,
@@ -25,8 +26,10 @@ from stream_app.store.profiles import (
 )
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
+@pytest.fixture(params=["redis", "redis-cluster", "memory"])
 def store(request: pytest.FixtureRequest, fresh_redis: aioredis.Redis) -> ProfileStore:
+    if request.param == "memory":
+        return InMemoryProfileStore()
     client = fresh_redis if request.param == "redis" else request.getfixturevalue("fresh_redis_cluster")
     return RedisProfileStore(client, Keys("t"), ttl_seconds=3600, dedup_window_seconds=3600)
 
@@ -38,6 +41,19 @@ async def test_unknown_profile_loads_as_version_zero(store: ProfileStore) -> Non
     assert loaded["nobody"].seen == set()
     assert await store.get("nobody") is None
     assert await store.version("nobody") == 0
+
+
+async def test_a_copy_at_the_stored_version_is_confirmed_without_the_document(store: ProfileStore) -> None:
+    doc = new_profile("u1")
+    assert await store.save([Write("u1", 0, doc, ["m1"])]) == set()
+    mine = await store.load({"u1": ["m1", "m2"], "nobody": []}, known={"u1": 1, "nobody": 1})
+    assert mine["u1"].current and mine["u1"].doc is None and mine["u1"].version == 1
+    assert mine["u1"].seen == {"m1"}  # the dedup answer comes all the same
+    assert not mine["nobody"].current and mine["nobody"].doc is None and mine["nobody"].version == 0
+    assert await store.save([Write("u1", 1, doc, ["m2"])]) == set()  # written elsewhere meanwhile
+    stale = await store.load({"u1": []}, known={"u1": 1})
+    assert not stale["u1"].current and stale["u1"].doc == doc and stale["u1"].version == 2
+    assert (await store.load({"u1": []}))["u1"].doc == doc  # without known, as before
 
 
 async def test_write_then_read_back_with_seen_ids(store: ProfileStore) -> None:
