@@ -1,7 +1,8 @@
 """A worker's cache of the profile documents it wrote last, bounded in entries and in bytes.
 
-A batch reads a cached document instead of Redis; the write is still a compare-and-set on
-the version, so a stale entry costs a re-read, never a wrong profile. The byte bound makes
+A batch uses a cached document instead of fetching it once Redis confirms its version (the
+profile store's ``load(known=...)``), so a copy another worker made stale is read again
+before anything is folded on it; the write is still a compare-and-set. The byte bound makes
 the worker's memory a setting (``PROFILE_CACHE_MB``) rather than a function of how many
 users it has seen and how large their documents grew.
 """
