@@ -426,6 +426,32 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             async with asyncio.timeout(settings.batch_attempt_timeout_seconds):
                 async with runtime.lock:
                     pass
+        await commit_processed(revoked)
+
+    async def commit_processed(revoked: Any) -> None:
+        """Commit how far this worker processed the revoked events partitions, while the group
+        still lets it. Faust drops a revoked partition's acks before its next commit, so its
+        next owner read again what was processed since the last commit (up to
+        ``broker_commit_interval`` of records, applied once: messageIds); committing in the
+        revocation, as Kafka clients do, spares that. Only batches that fully took effect
+        count (``next_offsets``: published and recorded), so nothing unprocessed is passed."""
+        done = runtime.batches.next_offsets
+        offsets = {
+            tp: done[tp.partition] for tp in revoked if tp.topic == events_name and tp.partition in done
+        }
+        if not offsets:
+            return
+        try:
+            async with asyncio.timeout(settings.kafka_session_timeout_seconds / 3):
+                consumer: Any = app.consumer  # Faust commits through it (acks dropped at the revocation)
+                committed = await consumer._commit_offsets(offsets)
+        except Exception as exc:  # the group moved on: the next owner reads from the last commit
+            log.warning("commit at revocation failed", extra={"error": repr(exc)[:200]})
+            return
+        log.info(
+            "processed offsets committed at revocation",
+            extra={"committed": bool(committed), "offsets": {tp.partition: o for tp, o in offsets.items()}},
+        )
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _quiesce(app: faust.App, *args: Any, **kwargs: Any) -> None:

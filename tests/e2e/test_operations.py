@@ -297,3 +297,29 @@ def test_rolling_restart_of_two_workers_under_load_loses_nothing_and_decides_eac
     distinct = {t["trigger_id"]: t for t in stalls}.values()
     per_user = Counter(t["user_id"] for t in distinct if t["user_id"].startswith("roll-"))
     assert per_user == dict.fromkeys(stuck, 1)  # each stuck user one trigger id, finishers none
+
+
+@pytest.mark.brokers("embedded", "kafka")
+def test_a_worker_joining_under_load_makes_the_other_read_nothing_again(
+    deployment: Deployment, worker_factory: Any
+) -> None:
+    """Scale-out under load: at the revocation the running worker commits what it processed,
+    so neither worker applies a record again (without it, up to a commit interval was)."""
+    events = synthetic_events(users=300, seed=36, start_ms=1_795_000_000_000)
+    expected = expected_profiles(events)
+    a: WorkerHandle = worker_factory().start()
+    with Flood(deployment, events, per_second=400):
+        wait_until(lambda: applied_total(a) > 300, 60, "load", a.tail)
+        b: WorkerHandle = worker_factory().start()
+        wait_until(lambda: applied_total(b) > 0, 60, "the second worker's first batch", b.tail)
+    user_ids = [pid for pid in expected if pid.startswith("user-")]
+    want = settled({p: expected[p] for p in user_ids})
+    wait_until(
+        lambda: settled(stored_profiles(deployment, user_ids)) == want,
+        120,
+        "every event applied",
+        lambda: settled_diff(settled(stored_profiles(deployment, user_ids)), want) + a.tail() + b.tail(),
+    )
+    again = {name: w.metric("onboarding_events_duplicate_total") for name, w in (("a", a), ("b", b))}
+    assert sum(again.values()) == 0, f"records applied before and read again: {again}\n{a.tail()}"
+    assert "processed offsets committed at revocation" in a.log_path.read_text()
