@@ -484,11 +484,7 @@ class EventProcessor:
         if noted and self.reactions is not None:
             fired = (doc.get("engine") or {}).get("fired", [])
             outcome.rewards.extend(rewards_of(fired, noted, self.reactions().triggers))
-        if result.prior.outbox:
-            # a profile written again in this batch (events redirected from a linked id, in a
-            # second round): its first write's messages are queued already, not published yet
-            queued = {m.id for m in outcome.outbox}
-            outcome.outbox.extend(m for m in result.prior.outbox if m.id not in queued)
+        outcome.outbox.extend(result.prior.outbox)
         outcome.outbox_keys.extend(result.prior.outbox_keys)
         if written:
             outcome.settle(doc, result.reaction)
