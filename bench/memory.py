@@ -1,8 +1,10 @@
 """Issue 12 measurement: Redis bytes per profile, by key kind.
 
-Run: python bench/memory.py [--users N] [--label TEXT] [--idle-after SECONDS]
+Run: python bench/memory.py [--users N] [--label TEXT] [--idle-after SECONDS] [--uuid-ids]
 
-One worker on the embedded broker and a private redis-server, default settings. The
+One worker on the embedded broker and a private redis-server, default settings (the
+default key prefix too: a key's name is part of what it costs, rounded up to the
+allocator's size class; rows before 2026-12-02 "later" had an 8-character prefix). The
 synthetic stream of N users (their whole onboarding and first weeks, ~43 events each,
 anonymous ids linked to user ids on identify) is produced, the worker applies it, and then
 Redis is measured: ``used_memory`` after minus before, divided by the number of user
@@ -16,6 +18,7 @@ names it: what changed), so changes are compared against the same method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import uuid
 
@@ -29,6 +32,7 @@ from throughput import RESULTS, start_worker
 
 from stream_app.embedded import EmbeddedBroker, EmbeddedRedis
 from stream_app.observe import scrape, total
+from stream_app.settings import Settings
 from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
@@ -50,13 +54,28 @@ def main() -> None:
         help="run with DEDUP_WINDOW_SECONDS=SECONDS, then wait that long with no traffic and "
         "measure again: what an idle user costs (the row's idle column)",
     )
+    parser.add_argument(
+        "--uuid-ids",
+        action="store_true",
+        help="every user id and anonymous id a UUID (36 characters, as analytics.js's anonymousId "
+        "and many apps' user ids are) instead of the synthetic ~18: what longer ids cost",
+    )
     args = parser.parse_args()
     population = generate_users(args.users, 505)
+    if args.uuid_ids:
+        population = [
+            dataclasses.replace(u, user_id=str(uuid.uuid5(uuid.NAMESPACE_OID, u.user_id)),
+                                anonymous_id=str(uuid.uuid5(uuid.NAMESPACE_OID, u.anonymous_id)))
+            for u in population
+        ]  # fmt: skip
     tag = f"mm{uuid.uuid4().hex[:6]}"
+    # the Redis is private: the engine's default key prefix, not the run's tag
+    prefix = str(Settings.model_fields["redis_key_prefix"].default)
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         env = isolated_env(
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
         )
+        env["REDIS_KEY_PREFIX"] = prefix
         if args.idle_after:
             env["DEDUP_WINDOW_SECONDS"] = str(args.idle_after)
         settings = deploy(env, broker.bootstrap)
@@ -85,18 +104,18 @@ def main() -> None:
             proc.wait(30)
         used = int(client.info("memory")["used_memory"]) - before
         overheads = {k: v - stats_before.get(k, 0) for k, v in memory_stats(client).items()}
-        kinds = redis_memory_by_kind(redis_server.url, tag)
+        kinds = redis_memory_by_kind(redis_server.url, prefix)
         idle = None
         if args.idle_after:
             with console.status(f"idle for {args.idle_after + 5} s (the dedup window, and some)…"):
                 time.sleep(args.idle_after + 5)
-                for key in client.scan_iter(f"{tag}:*", count=2000):
+                for key in client.scan_iter(f"{prefix}:*", count=2000):
                     client.ttl(key)  # expire what is due now rather than by Redis' sampling
             idle = int(client.info("memory")["used_memory"]) - before
         profiles = tombstones = 0
         doc_bytes = 0
         hash_bytes = {"p(user)": [0, 0], "p(tombstone)": [0, 0]}  # the profile hashes, split
-        for key in client.scan_iter(f"{tag}:p:*", count=2000):
+        for key in client.scan_iter(f"{prefix}:p:*", count=2000):
             raw = client.hget(key, "d") or b""
             doc_bytes += len(raw)
             kind = "p(tombstone)" if "merged_into" in decode_doc(raw or b"{}") else "p(user)"
@@ -148,8 +167,9 @@ def report(
     breakdown = ", ".join(
         f"{k} {s / max(1, profiles):.0f}" for k, (_n, s) in kinds.items() if s / max(1, profiles) >= 5
     )
+    label = (args.label or "-") + (" (UUID ids)" if args.uuid_ids else "")
     row = (
-        f"| {time.strftime('%Y-%m-%d')} | {args.label or '-'} | {args.users} / {sent} | **{per:.0f}** "
+        f"| {time.strftime('%Y-%m-%d')} | {label} | {args.users} / {sent} | **{per:.0f}** "
         f"| {idle_text} | {doc_bytes / max(1, profiles + tombstones):.0f} | {breakdown} |"
     )
     head = f"""{SECTION}

@@ -8,10 +8,20 @@ contract's event names) halves the compressed size again: measured on synthetic 
 write (plain zlib: ~30) and ~9 us more per read than plain JSON (``PROFILE_COMPRESSION``
 switches it off; documents read either way).
 
-Stored documents name their dictionary (zlib's FDICT header carries its Adler-32), so a
-dictionary is never edited: a better one is added as ``V2`` next to this one, and documents
-written with ``V1`` keep reading. Plain JSON (written before compression) and plain zlib
-streams read as well.
+Layouts, told apart by the first byte (every one still reads):
+
+* ``{``: plain JSON (written before compression, or with ``PROFILE_COMPRESSION=false``);
+* a zlib stream (first byte ``0x?8``): plain, or against ``DICT_V1`` named by its Adler-32
+  in the header (2026-12-01 to 12-02);
+* ``0x02``: a raw deflate stream against ``DICT_V2`` (since 2026-12-02, later): no zlib
+  header and checksum (10 bytes of each document; Redis keeps the bytes it was given), and a
+  dictionary that also holds the values the engine itself writes (device kinds and OS and
+  browser families from User-Agent parsing, lifecycle stages, the default segments' and
+  trigger types' names, the default traits policy's kept names). Measured on the memory
+  bench's documents: 495 -> 447 bytes per profile; a tombstone's 37 bytes of JSON -> 26.
+
+A dictionary's bytes are never edited: a better one is added as ``V3`` next to these, and
+documents written with the older ones keep reading.
 """
 
 from __future__ import annotations
@@ -48,23 +58,44 @@ DICT_V1 = (
     b'"consent":{"personalization":true,"updated_ms":17},"lifecycle":"new","merged_from":["anon-"],'
     b'"identified":true,"groups":{}}'
 )
-_DICTS = {zlib.adler32(DICT_V1): DICT_V1}
+#: Never change these bytes either (``V1`` then the values the engine writes; the most common
+#: last, where a match costs the fewest bits). 3,313 bytes: the whole of it is inside the
+#: 4 KiB window.
+DICT_V2 = DICT_V1 + (
+    b'"device":{"type":"tablet","os":"Linux","browser":"Firefox","model":null},'
+    b'"device":{"type":"mobile","os":"iOS","os_version":"17.4","browser":"Mobile Safari","model":"iPhone"},'
+    b'"device":{"type":"mobile","os":"Android","os_version":"14","browser":"Chrome Mobile","model":"K"},'
+    b'"device":{"type":"desktop","os":"Windows","os_version":"10","browser":"Edge","model":null},'
+    b'"device":{"type":"desktop","os":"Mac OS X","os_version":"10.15","browser":"Safari","model":"Mac"},'
+    b'"traits":{"plan":"free","tier":"","role":"","job_function":"","seniority":"","industry":"","company":"",'
+    b'"company_size":"","team_size":"","signup_source":"","use_case":"","trial":true,"account_type":"",'
+    b'"subscription_status":"","onboarding_variant":"","email_sha256":"","phone_sha256":""},'
+    b'"lifecycle":"activated","lifecycle":"active","lifecycle":"dormant","lifecycle":"churned",'
+    b'"segments":["highly_engaged_new","dormant","active_engaged","power_user","struggling","passive"],'
+    b'"handled":{"onboarding_completed|":0,"repeated_help_views|#1":0,"segment_entered|struggling@":0,'
+    b'"stalled_step|":0},"fired":[{"trigger_id":"","type":"onboarding_completed","subject":"","at":0,'
+    b'"group":"control"},{"trigger_id":"","type":"repeated_help_views","subject":"","at":0,"group":"treatment"},'
+    b'{"trigger_id":"","type":"segment_entered","subject":"struggling","at":0,"group":"treatment"}],'
+    b'"segments":[],"cluster":null,"partition":0}}'
+)
+_DICTS = {zlib.adler32(DICT_V1): DICT_V1}  # zlib streams name theirs by Adler-32
+_RAW_DICTS = {2: DICT_V2}  # raw streams by their first byte
+_WRITE_MARK = 2  # what encode_doc writes
 _LEVEL = 6
 # a 4 KiB window and zlib's default memory: the same size as the maximum settings for
 # documents of a few KB, and ~15 % less CPU (most of the cost is setting the state up)
 _WBITS, _MEMLEVEL = 12, 8
-COMPRESS_ABOVE = 256  # bytes of JSON below which compressing is not worth a call
-_FDICT = 0x20  # the header's flag: a preset dictionary, named by the next 4 bytes
+_FDICT = 0x20  # a zlib header's flag: a preset dictionary, named by the next 4 bytes
 
 
 def encode_doc(doc: Profile) -> bytes:
+    """Deflated against ``DICT_V2`` when that is smaller than the JSON (every profile; a
+    tombstone too: 37 -> 26 bytes, a size class less in its hash)."""
     raw = orjson.dumps(doc)
-    if len(raw) < COMPRESS_ABOVE:
-        return raw
     packer = zlib.compressobj(
-        _LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_DEFAULT_STRATEGY, zdict=DICT_V1
+        _LEVEL, zlib.DEFLATED, -_WBITS, _MEMLEVEL, zlib.Z_DEFAULT_STRATEGY, zdict=_RAW_DICTS[_WRITE_MARK]
     )
-    packed = packer.compress(raw) + packer.flush()
+    packed = bytes((_WRITE_MARK,)) + packer.compress(raw) + packer.flush()
     return packed if len(packed) < len(raw) else raw
 
 
@@ -72,6 +103,9 @@ def decode_doc(raw: bytes) -> Profile:
     if raw[:1] == b"{":  # JSON: every document is an object
         doc: Profile = orjson.loads(raw)
         return doc
+    if raw[0] in _RAW_DICTS:
+        unpacker = zlib.decompressobj(-15, zdict=_RAW_DICTS[raw[0]])
+        return orjson.loads(unpacker.decompress(raw[1:]) + unpacker.flush())
     if raw[1] & _FDICT:
         unpacker = zlib.decompressobj(zdict=_DICTS[int.from_bytes(raw[2:6], "big")])
         return orjson.loads(unpacker.decompress(raw) + unpacker.flush())
