@@ -60,6 +60,12 @@ def main() -> None:
         help="every user id and anonymous id a UUID (36 characters, as analytics.js's anonymousId "
         "and many apps' user ids are) instead of the synthetic ~18: what longer ids cost",
     )
+    default_prefix = str(Settings.model_fields["redis_key_prefix"].default)
+    parser.add_argument(
+        "--key-prefix",
+        default=default_prefix,
+        help=f"REDIS_KEY_PREFIX of the run (default: the engine's, {default_prefix!r})",
+    )
     args = parser.parse_args()
     population = generate_users(args.users, 505)
     if args.uuid_ids:
@@ -69,8 +75,7 @@ def main() -> None:
             for u in population
         ]  # fmt: skip
     tag = f"mm{uuid.uuid4().hex[:6]}"
-    # the Redis is private: the engine's default key prefix, not the run's tag
-    prefix = str(Settings.model_fields["redis_key_prefix"].default)
+    prefix = args.key_prefix  # the Redis is private: no need for the run's tag
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         env = isolated_env(
             broker.bootstrap, redis_server.url, tag, PII_HASH_SALT="bench-salt", LOG_LEVEL="WARNING"
@@ -168,6 +173,8 @@ def report(
         f"{k} {s / max(1, profiles):.0f}" for k, (_n, s) in kinds.items() if s / max(1, profiles) >= 5
     )
     label = (args.label or "-") + (" (UUID ids)" if args.uuid_ids else "")
+    if args.key_prefix != Settings.model_fields["redis_key_prefix"].default:
+        label += f" (key prefix {args.key_prefix!r})"
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {label} | {args.users} / {sent} | **{per:.0f}** "
         f"| {idle_text} | {doc_bytes / max(1, profiles + tombstones):.0f} | {breakdown} |"

@@ -184,7 +184,17 @@ def memory(redis_url: str, prefix: str) -> dict[str, float]:
     }
 
 
-def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float) -> dict[str, Any]:
+#: how the latency run's users arrive, in event time (the live stream is in event-time order):
+#: ``burst`` over 10 minutes, so every user's signup and identify land in the run's first ~9 s
+#: (~110 identifies/s, 13 % of the events then) and the rest is their later sessions; ``steady``
+#: over 30 days, so signups, onboarding and returning users mix through the run (~20
+#: identifies/s, ~2 %), the way a deployment's traffic looks at half its rate
+ARRIVALS = {"burst": 600.0, "steady": 30 * 86_400.0}
+
+
+def latency_at(
+    bootstrap: str, env: dict[str, str], rate: float, seconds: float, arrivals: str = "burst"
+) -> dict[str, Any]:
     topic = f"lat-{uuid.uuid4().hex[:6]}"
     make_topic(bootstrap, topic)
     env = {**env, "TOPIC_EVENTS": topic, "APP_ID": f"lat-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": "lat"}
@@ -194,7 +204,8 @@ def latency_at(bootstrap: str, env: dict[str, str], rate: float, seconds: float)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     needed = int(rate * seconds) + 100
     users = generate_users(needed // 40 + 50, seed=int(time.time()))
-    stream = iter([e for _, e in zip(range(needed), interleaved_stream(users, 0, seed=99), strict=False)])
+    shaped = interleaved_stream(users, 0, seed=99, arrival_spread_s=ARRIVALS[arrivals])
+    stream = iter([e for _, e in zip(range(needed), shaped, strict=False)])
     sent, t0 = 0, time.perf_counter()
     timeline = [(0.0, base)]  # the worker's metrics once a second: when the slow events came
     with Progress(
@@ -320,6 +331,13 @@ def main() -> None:
         help="with --latency-at: the embedded broker (Tansu) or Apache Kafka (Java 17, fetched once)",
     )
     parser.add_argument(
+        "--arrivals",
+        choices=tuple(ARRIVALS),
+        default="burst",
+        help="with --latency-at: burst (default; every user's signup in the first ~9 s, as the "
+        "full run measures) or steady (signups spread through the run, ~2 %% of the events)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -340,10 +358,10 @@ def main() -> None:
                 bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
             redis_server = stack.enter_context(EmbeddedRedis())
             env = {**bench_env(bootstrap, redis_server.url), **overrides}
-            lat = latency_at(bootstrap, env, args.latency_at, 15 if args.quick else 30)
+            lat = latency_at(bootstrap, env, args.latency_at, 15 if args.quick else 30, args.arrivals)
         console.print(
-            f"latency on {args.broker} {' '.join(args.set)} at {lat['rate']:.0f} events/s "
-            f"({lat['sent']:.0f} sent): "
+            f"latency on {args.broker} {' '.join(args.set)}, {args.arrivals} arrivals, "
+            f"at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
             f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms "
             f"(after the first {WARMUP_S:.0f} s: p50 {lat['warm_p50_s'] * 1000:.0f} ms, "
             f"p99 {lat['warm_p99_s'] * 1000:.0f} ms); batches: "

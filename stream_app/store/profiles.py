@@ -408,12 +408,14 @@ class RedisProfileStore(ProfileStore):
 
     async def seen_ids(self, profile_id: str) -> list[str]:
         """Entries to copy into another profile's dedup memory (digests, opaque to callers)."""
-        raw: Any = await self.client.get(self.keys.dedup(profile_id))
+        pipe = self.client.pipeline(transaction=False)  # one round trip (the keys share a slot)
+        pipe.get(self.keys.dedup(profile_id))
+        pipe.zrange(self.keys.seen_digests(profile_id), 0, -1)
+        pipe.zrange(self.keys.seen(profile_id), 0, -1)
+        raw, digests, legacy = await pipe.execute()
         packed = bytes(raw or b"")
         width, start = (DIGEST_BYTES, DEDUP_HEADER) if packed[:1] == bytes([DIGEST_BYTES]) else (8, 8)
         entries = {packed[i : i + DIGEST_BYTES] for i in range(start, len(packed), width)}
-        digests: list[Any] = await self.client.zrange(self.keys.seen_digests(profile_id), 0, -1)
-        legacy: list[Any] = await self.client.zrange(self.keys.seen(profile_id), 0, -1)
         entries |= {bytes(d)[:DIGEST_BYTES] for d in digests} | {digest(bytes(m).decode()) for m in legacy}
         return sorted(DIGEST_ENTRY + d.hex() for d in entries)
 

@@ -193,6 +193,35 @@ async def test_identify_merges_the_anonymous_history_once() -> None:
     assert doc is not None and doc["features"] == {"search": 2, "export": 1}
 
 
+async def test_the_links_of_one_batch_fold_every_history_once_also_two_into_one_user() -> None:
+    """Links read their ids together and finish their tombstones together (link_all): two
+    anonymous ids of one user in the batch, and another user's, all fold, once."""
+    h = Harness()
+    await h.run(
+        track("Feature Used", "a1", uid=None, anon="anon-a", at=0, feature="search"),
+        track("Feature Used", "b1", uid=None, anon="anon-b", at=1, feature="export"),
+        track("Feature Used", "c1", uid=None, anon="anon-c", at=2, feature="search"),
+        track("Feature Used", "u1-1", uid="u1", at=2, feature="invite"),
+    )
+    links = (
+        ev("identify", "i-a", uid="u1", anon="anon-a", at=3),
+        ev("identify", "i-b", uid="u1", anon="anon-b", at=4),
+        ev("identify", "i-c", uid="u2", anon="anon-c", at=5),
+    )
+    await h.run(*links)
+    await h.run(*links)  # redelivered
+    # the histories' events redelivered after the links: redirected, and known as applied
+    again = await h.run(track("Feature Used", "b1", uid=None, anon="anon-b", at=1, feature="export"))
+    assert again.duplicates == 1 and again.applied == 0
+    u1, u2 = await h.doc("u1"), await h.doc("u2")
+    assert u1 is not None and u2 is not None
+    assert sorted(u1["merged_from"]) == ["anon-a", "anon-b"] and u2["merged_from"] == ["anon-c"]
+    assert u1["features"] == {"search": 1, "export": 1, "invite": 1} and u2["features"] == {"search": 1}
+    assert (u1["event_count"], u2["event_count"]) == (5, 2)  # each history once, plus the identifies
+    for anon, user in (("anon-a", "u1"), ("anon-b", "u1"), ("anon-c", "u2")):
+        assert await h.doc(anon) == {"merged_into": user}  # the snapshot dropped: link complete
+
+
 async def test_an_anonymous_id_is_never_merged_into_a_second_user() -> None:
     h = Harness()
     await h.run(track("Feature Used", "a1", uid=None, anon="anon", feature="f"))
