@@ -37,6 +37,7 @@ from stream_app.store.docpack import decode_doc
 from stream_app.synthetic import generate_users, interleaved_stream, record_key
 
 SECTION = "## Memory per profile (issue 12)"
+DEFAULT_PREFIX = str(Settings.model_fields["redis_key_prefix"].default)  # the engine's REDIS_KEY_PREFIX
 console = Console()
 
 
@@ -60,11 +61,10 @@ def main() -> None:
         help="every user id and anonymous id a UUID (36 characters, as analytics.js's anonymousId "
         "and many apps' user ids are) instead of the synthetic ~18: what longer ids cost",
     )
-    default_prefix = str(Settings.model_fields["redis_key_prefix"].default)
     parser.add_argument(
         "--key-prefix",
-        default=default_prefix,
-        help=f"REDIS_KEY_PREFIX of the run (default: the engine's, {default_prefix!r})",
+        default=DEFAULT_PREFIX,
+        help=f"REDIS_KEY_PREFIX of the run (default: the engine's, {DEFAULT_PREFIX!r})",
     )
     args = parser.parse_args()
     population = generate_users(args.users, 505)
@@ -173,7 +173,7 @@ def report(
         f"{k} {s / max(1, profiles):.0f}" for k, (_n, s) in kinds.items() if s / max(1, profiles) >= 5
     )
     label = (args.label or "-") + (" (UUID ids)" if args.uuid_ids else "")
-    if args.key_prefix != Settings.model_fields["redis_key_prefix"].default:
+    if args.key_prefix != DEFAULT_PREFIX:
         label += f" (key prefix {args.key_prefix!r})"
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {label} | {args.users} / {sent} | **{per:.0f}** "

@@ -214,7 +214,7 @@ async def test_the_links_of_one_batch_fold_every_history_once_also_two_into_one_
     again = await h.run(track("Feature Used", "b1", uid=None, anon="anon-b", at=1, feature="export"))
     assert again.duplicates == 1 and again.applied == 0
     u1, u2 = await h.doc("u1"), await h.doc("u2")
-    assert u1 is not None and u2 is not None
+    assert u1 is not None and u2 is not None, "both users have a profile after the links"
     assert sorted(u1["merged_from"]) == ["anon-a", "anon-b"] and u2["merged_from"] == ["anon-c"]
     assert u1["features"] == {"search": 1, "export": 1, "invite": 1} and u2["features"] == {"search": 1}
     assert (u1["event_count"], u2["event_count"]) == (5, 2)  # each history once, plus the identifies
