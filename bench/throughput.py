@@ -193,12 +193,25 @@ ARRIVALS = {"burst": 600.0, "steady": 30 * 86_400.0}
 
 
 def latency_at(
-    bootstrap: str, env: dict[str, str], rate: float, seconds: float, arrivals: str = "burst"
+    bootstrap: str,
+    env: dict[str, str],
+    rate: float,
+    seconds: float,
+    arrivals: str = "burst",
+    idle_s: float = 0.0,
 ) -> dict[str, Any]:
+    """``idle_s``: first measure the fresh worker's CPU while no event comes (its polling,
+    timers and fetches of an empty topic), as a share of one core."""
     topic = f"lat-{uuid.uuid4().hex[:6]}"
     make_topic(bootstrap, topic)
     env = {**env, "TOPIC_EVENTS": topic, "APP_ID": f"lat-{uuid.uuid4().hex[:6]}", "REDIS_KEY_PREFIX": "lat"}
     proc, url = start_worker(env)
+    idle_share = None
+    if idle_s:
+        time.sleep(5)  # past the group join
+        idle_before = cpu_seconds(proc.pid)
+        time.sleep(idle_s)
+        idle_share = (cpu_seconds(proc.pid) - idle_before) / idle_s
     base = scrape(url + "/metrics")
     cpu_before, redis_before = cpu_seconds(proc.pid), redis_cpu_seconds(env["REDIS_URL"])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
@@ -264,6 +277,7 @@ def latency_at(
         "redis_cpu_us_per_event": redis_cpu / max(1, sent) * 1e6,
         # the target's own terms: the share of events (after the warm-up) written within 100 ms
         "warm_within_100ms": within(m, warm, 0.1),
+        "idle_cpu_share": idle_share,
     }
 
 
@@ -338,6 +352,13 @@ def main() -> None:
         "full run measures) or steady (signups spread through the run, ~2 %% of the events)",
     )
     parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --latency-at: first measure the fresh worker's CPU for this long with no events",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -358,7 +379,9 @@ def main() -> None:
                 bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
             redis_server = stack.enter_context(EmbeddedRedis())
             env = {**bench_env(bootstrap, redis_server.url), **overrides}
-            lat = latency_at(bootstrap, env, args.latency_at, 15 if args.quick else 30, args.arrivals)
+            lat = latency_at(
+                bootstrap, env, args.latency_at, 15 if args.quick else 30, args.arrivals, args.idle
+            )
         console.print(
             f"latency on {args.broker} {' '.join(args.set)}, {args.arrivals} arrivals, "
             f"at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
@@ -371,6 +394,8 @@ def main() -> None:
             f"Redis {lat['redis_cpu_us_per_event']:.0f} µs; after the first {WARMUP_S:.0f} s, "
             f"{lat['warm_within_100ms']:.1%} of events were written within 100 ms"
         )
+        if lat["idle_cpu_share"] is not None:
+            console.print(f"idle before the load: worker CPU {lat['idle_cpu_share']:.1%} of a core")
         console.print(
             f"seconds with the most events slower than {SLOW_S * 1000:.0f} ms "
             "(second of the run: slow/written): "

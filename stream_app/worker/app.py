@@ -60,14 +60,18 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
-def _install_group_consumer(fetch_max_wait_ms: int) -> None:
-    """Faust's aiokafka group consumer, with two changes. Faust looks the class up on the
+def _install_group_consumer(fetch_max_wait_ms: int, fetch_min_bytes: int = 1) -> None:
+    """Faust's aiokafka group consumer, with three changes. Faust looks the class up on the
     aiokafka module at call time, so a subclass installed there is the one it builds; the
     worker is a process of its own and nothing else in it builds group consumers.
 
     * ``fetch_max_wait_ms``: Faust passes 1500 and has no setting for it. A broker that holds
       a fetch until that wait expires (Tansu does) then adds up to 1.5 s to every event's
       latency.
+    * ``fetch_min_bytes``: Faust passes nothing, so aiokafka asks for 1 byte and live traffic
+      comes in a fetch every few events (~110 fetches a second at 864 events/s), each a
+      request, a reply to parse and a hand-over to Faust's thread. Asking the broker to
+      gather this many bytes (or ``fetch_max_wait_ms``) makes fewer, fuller fetches.
     * After a rebalance Faust seeks each partition to its committed offset, and aiokafka
       skips a partition with none (never committed, or 0): it goes on from where the last
       fetch stopped. What that fetch brought sat in Faust's queues, which the revocation
@@ -82,14 +86,17 @@ def _install_group_consumer(fetch_max_wait_ms: int) -> None:
     base = aiokafka.AIOKafkaConsumer
     if getattr(base, "_stream_app_fetch_wait", None) is not None:
         base._stream_app_fetch_wait = fetch_max_wait_ms
+        base._stream_app_fetch_min_bytes = fetch_min_bytes
         return
 
     class _Consumer(base):  # type: ignore[misc,valid-type]
         _stream_app_fetch_wait = fetch_max_wait_ms
+        _stream_app_fetch_min_bytes = fetch_min_bytes
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if kwargs.get("group_id") is not None:
                 kwargs["fetch_max_wait_ms"] = type(self)._stream_app_fetch_wait
+                kwargs["fetch_min_bytes"] = type(self)._stream_app_fetch_min_bytes
             super().__init__(*args, **kwargs)
 
         async def seek_to_committed(self, *partitions: Any) -> dict[Any, int | None]:
@@ -194,7 +201,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     check_safe_to_serve(settings)
     tokens = api_tokens(settings.api_tokens.get_secret_value() if settings.api_tokens else None)
     stores = Stores(settings)
-    _install_group_consumer(settings.kafka_fetch_max_wait_ms)
+    _install_group_consumer(settings.kafka_fetch_max_wait_ms, settings.kafka_fetch_min_bytes)
     if _supports_idempotence(settings, bootstrap):
         _idempotent_producer()
     (settings.data_dir / settings.app_id).mkdir(parents=True, exist_ok=True)

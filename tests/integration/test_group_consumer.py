@@ -80,3 +80,26 @@ async def test_a_partition_never_committed_starts_from_its_beginning_and_one_com
         assert await _next_offset(consumer) == 7  # a committed partition: as before
     finally:
         await consumer.stop()
+
+
+async def test_the_worker_consumer_asks_the_broker_for_fuller_fetches(kafka_bootstrap: str) -> None:
+    """KAFKA_FETCH_MIN_BYTES and KAFKA_FETCH_MAX_WAIT_MS reach the fetch requests of the group
+    consumer Faust builds (Faust passes neither); a consumer outside a group keeps aiokafka's."""
+    _install_group_consumer(40, 16384)
+    import aiokafka
+
+    topic = _topic_with_records(kafka_bootstrap, 3)
+    consumer = await _started(aiokafka.AIOKafkaConsumer, kafka_bootstrap, topic)
+    try:
+        fetcher = consumer._fetcher
+        assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (16384, 40)
+        # fewer bytes than asked for: the broker answers once the wait is over, with all of them
+        assert [await _next_offset(consumer) for _ in range(3)] == [0, 1, 2]
+    finally:
+        await consumer.stop()
+        _install_group_consumer(100)
+    plain = aiokafka.AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert (plain._fetch_min_bytes, plain._fetch_max_wait_ms) == (1, 500)
+    finally:
+        await plain.stop()
