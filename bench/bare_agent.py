@@ -1,7 +1,8 @@
 """Baseline for bench/throughput.py: a bare Faust agent that only decodes the events.
 
-Same broker, topic, batching (take 2000 / 0.05 s), session timeout and fetch wait as
-the worker. Prints one JSON line with its rate once it has read ``N`` events.
+Same broker, topic, batching (take 2000 within the worker's default window), session
+timeout and fetch settings (the worker's defaults) as the worker. Prints one JSON line
+with its rate once it has read ``N`` events.
 Usage: python bench/bare_agent.py BOOTSTRAP TOPIC N APP_ID
 """
 
@@ -15,10 +16,15 @@ import faust
 import orjson
 from common import own_cpu_seconds
 
+from stream_app.settings import Settings
 from stream_app.worker.app import _install_group_consumer
 
 bootstrap, topic_name, total, app_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-_install_group_consumer(100)
+DEFAULTS = Settings.model_fields
+_install_group_consumer(
+    DEFAULTS["kafka_fetch_max_wait_ms"].default, DEFAULTS["kafka_fetch_min_bytes"].default
+)
+WINDOW = DEFAULTS["batch_window_seconds"].default
 app = faust.App(
     app_id,
     broker=f"kafka://{bootstrap}",
@@ -38,7 +44,7 @@ state = {"n": 0, "first": 0.0, "cpu": 0.0}
 
 @app.agent(topic, concurrency=1)
 async def decode(stream):  # type: ignore[no-untyped-def]
-    async for batch in stream.take(2000, within=0.05):
+    async for batch in stream.take(2000, within=WINDOW):
         if not state["n"]:
             state["first"], state["cpu"] = time.perf_counter(), own_cpu_seconds()
         for value in batch:

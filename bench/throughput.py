@@ -17,8 +17,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,64 @@ def memory(redis_url: str, prefix: str) -> dict[str, float]:
 ARRIVALS = {"burst": 600.0, "steady": 30 * 86_400.0}
 
 
+def produce_live(
+    bootstrap: str,
+    topic: str,
+    rate: float,
+    seconds: float,
+    arrivals: str,
+    each_second: Callable[[float], None] | None = None,
+) -> int:
+    """Events at ``rate`` for ``seconds``, each stamped with its send time; how many were sent."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    needed = int(rate * seconds) + 100
+    users = generate_users(needed // 40 + 50, seed=int(time.time()))
+    shaped = interleaved_stream(users, 0, seed=99, arrival_spread_s=ARRIVALS[arrivals])
+    stream = iter([e for _, e in zip(range(needed), shaped, strict=False)])
+    sent, t0, ticked = 0, time.perf_counter(), 0.0
+    with Progress(
+        TextColumn(f"live load at {rate:.0f} events/s"), BarColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("lat", total=seconds)
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            if each_second is not None and elapsed - ticked >= 1.0:
+                ticked = elapsed
+                each_second(elapsed)
+            due = int(elapsed * rate)
+            while sent < due:
+                event = next(stream)
+                event["timestamp"] = iso_ms(int(time.time() * 1000))
+                producer.produce(topic, key=record_key(event), value=orjson.dumps(event))
+                sent += 1
+            producer.poll(0)
+            progress.update(task, completed=elapsed)
+            time.sleep(0.002)
+    producer.flush(30)
+    if sent < rate * seconds * 0.95:
+        raise RuntimeError(f"the load generator fell behind: sent {sent} of {rate * seconds:.0f}")
+    return sent
+
+
+def bare_live(bootstrap: str, rate: float, seconds: float, arrivals: str) -> dict[str, float]:
+    """The baseline under the same live load: a bare Faust agent (bench/bare_agent.py, the
+    worker's fetch and batch settings) on a fresh topic; its CPU from its first batch on."""
+    topic = f"bare-{uuid.uuid4().hex[:6]}"
+    make_topic(bootstrap, topic)
+    result: dict[str, Any] = {}
+
+    def agent() -> None:
+        result.update(run_bare(bootstrap, topic, int(rate * seconds * 0.95)))
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    time.sleep(8)  # its group join (~5 s), as the worker's start is waited for
+    produce_live(bootstrap, topic, rate, seconds, arrivals)
+    thread.join(120)
+    if not result:
+        raise RuntimeError("the bare agent did not read the live load")
+    return {"cpu_us_per_event": result["cpu_s"] / result["events"] * 1e6, "events": result["events"]}
+
+
 def latency_at(
     bootstrap: str,
     env: dict[str, str],
@@ -214,32 +274,13 @@ def latency_at(
         idle_share = (cpu_seconds(proc.pid) - idle_before) / idle_s
     base = scrape(url + "/metrics")
     cpu_before, redis_before = cpu_seconds(proc.pid), redis_cpu_seconds(env["REDIS_URL"])
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    needed = int(rate * seconds) + 100
-    users = generate_users(needed // 40 + 50, seed=int(time.time()))
-    shaped = interleaved_stream(users, 0, seed=99, arrival_spread_s=ARRIVALS[arrivals])
-    stream = iter([e for _, e in zip(range(needed), shaped, strict=False)])
-    sent, t0 = 0, time.perf_counter()
     timeline = [(0.0, base)]  # the worker's metrics once a second: when the slow events came
-    with Progress(
-        TextColumn(f"live load at {rate:.0f} events/s"), BarColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-        task = progress.add_task("lat", total=seconds)
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            if elapsed - timeline[-1][0] >= 1.0:
-                timeline.append((elapsed, scrape(url + "/metrics")))
-            due = int(elapsed * rate)
-            while sent < due:
-                event = next(stream)
-                event["timestamp"] = iso_ms(int(time.time() * 1000))
-                producer.produce(topic, key=record_key(event), value=orjson.dumps(event))
-                sent += 1
-            producer.poll(0)
-            progress.update(task, completed=elapsed)
-            time.sleep(0.002)
-    producer.flush(30)
-    if sent < rate * seconds * 0.95:
-        raise RuntimeError(f"the load generator fell behind: sent {sent} of {rate * seconds:.0f}")
+
+    def each_second(elapsed: float) -> None:
+        timeline.append((elapsed, scrape(url + "/metrics")))
+
+    t0 = time.perf_counter()
+    sent = produce_live(bootstrap, topic, rate, seconds, arrivals, each_second)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and processed(scrape(url + "/metrics")) - processed(base) < sent:
         time.sleep(0.25)
@@ -352,6 +393,11 @@ def main() -> None:
         "full run measures) or steady (signups spread through the run, ~2 %% of the events)",
     )
     parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="with --latency-at: then a bare Faust agent under the same live load (its CPU per event)",
+    )
+    parser.add_argument(
         "--idle",
         type=float,
         default=0.0,
@@ -379,9 +425,9 @@ def main() -> None:
                 bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
             redis_server = stack.enter_context(EmbeddedRedis())
             env = {**bench_env(bootstrap, redis_server.url), **overrides}
-            lat = latency_at(
-                bootstrap, env, args.latency_at, 15 if args.quick else 30, args.arrivals, args.idle
-            )
+            seconds = 15 if args.quick else 30
+            lat = latency_at(bootstrap, env, args.latency_at, seconds, args.arrivals, args.idle)
+            bare = bare_live(bootstrap, args.latency_at, seconds, args.arrivals) if args.baseline else None
         console.print(
             f"latency on {args.broker} {' '.join(args.set)}, {args.arrivals} arrivals, "
             f"at {lat['rate']:.0f} events/s ({lat['sent']:.0f} sent): "
@@ -394,6 +440,11 @@ def main() -> None:
             f"Redis {lat['redis_cpu_us_per_event']:.0f} µs; after the first {WARMUP_S:.0f} s, "
             f"{lat['warm_within_100ms']:.1%} of events were written within 100 ms"
         )
+        if bare is not None:
+            console.print(
+                f"baseline: a bare Faust agent under the same load: {bare['cpu_us_per_event']:.0f} µs of CPU "
+                f"per event ({bare['events']:.0f} events)"
+            )
         if lat["idle_cpu_share"] is not None:
             console.print(f"idle before the load: worker CPU {lat['idle_cpu_share']:.1%} of a core")
         console.print(
