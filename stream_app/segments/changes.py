@@ -68,9 +68,16 @@ def cluster_changes(
     at_ms: int,
     why: str,
 ) -> list[dict[str, Any]]:
-    """Exited the old cluster and entered the new one (by id; the segment is the cluster's name)."""
-    if (before or {}).get("id") == (now or {}).get("id"):
+    """Exited the old cluster and entered the new one. The segment is the cluster's name, so a
+    new model that renames the user's cluster (ids persist across models, names are matched
+    to the centroids again; two clusters can swap names) is an exit and an entry too, with the
+    same ``cluster_id``: a consumer that follows memberships by name never sees an exit of a
+    name it was not told about, and the segment sizes, counted by name, stay right."""
+    old, new = before or {}, now or {}
+    if old.get("id") == new.get("id") and old.get("name") == new.get("name"):
         return []
+    if old and new and old["id"] == new["id"]:
+        why = f"cluster {new['id']} renamed from {old['name']!r} ({why})"
     out = []
     if before:
         out.append(

@@ -372,3 +372,46 @@ async def test_a_profile_written_twice_in_one_batch_sends_each_message_once(new_
     assert out.applied == 2
     ids = Counter(m.id for m in out.outbox)
     assert ids and max(ids.values()) == 1, ids
+
+
+async def test_a_model_that_renames_the_users_cluster_publishes_an_exit_and_an_entry(
+    new_store: StoreFactory,
+) -> None:
+    """Cluster ids persist across models but names are matched to the centroids again, and
+    two clusters can swap names (a chaos run on Apache Kafka saw 'steady' and 'quick
+    adopters' swap). The segments topic names the cluster, so each name's memberships must
+    alternate entered/exited as a consumer follows them: a rename is an exit and an entry."""
+    names = {"c1": "steady", "c3": "quick adopters"}
+    placed = {"u1": "c1"}
+
+    def assign(doc: Any, now_ms: int, current: Any) -> tuple[dict[str, Any], str]:
+        cid = placed[str(doc["user_id"])]
+        return {"id": cid, "name": names[cid]}, "nearest centroid"
+
+    ctx = ReactionContext(
+        load_segments(CONFIG_DIR / "segments.toml"), parse_config(copy.deepcopy(RAW)), ProfileRules(),
+        assign_cluster=assign,
+    )  # fmt: skip
+    p = processor(new_store(), ctx)
+    published: list[dict[str, Any]] = []
+    sizes: Counter[str] = Counter()
+    for at, mid in ((0, "a"), (10, "b"), (20, "c"), (30, "d")):
+        if mid == "b":  # the next model swaps the two names
+            names.update(c1="quick adopters", c3="steady")
+        if mid == "c":  # and the one after moves the user to the other cluster
+            placed["u1"] = "c3"
+        out = await process(p, records(start(at=at, mid=mid)))
+        published += [m for m in sent(out, SEGMENTS) if m["source"] == "cluster"]
+        sizes.update({k: v for k, v in out.size_deltas.items() if k.startswith("cluster:")})
+
+    assert [(m["change"], m["segment"], m["cluster_id"]) for m in published] == [
+        ("entered", "steady", "c1"),
+        ("exited", "steady", "c1"),  # renamed: same cluster, the other name
+        ("entered", "quick adopters", "c1"),
+        ("exited", "quick adopters", "c1"),  # moved: c3 is now called 'steady'
+        ("entered", "steady", "c3"),
+    ]
+    assert "renamed from 'steady'" in published[1]["reason"]
+    assert +sizes == Counter({"cluster:steady": 1})  # one member, under the name it has now
+    doc = await p.store.get("u1")
+    assert doc is not None and doc["engine"]["cluster"]["name"] == "steady"
