@@ -242,7 +242,7 @@ def bare_live(bootstrap: str, rate: float, seconds: float, arrivals: str) -> dic
     def agent() -> None:
         result.update(run_bare(bootstrap, topic, int(rate * seconds * 0.95)))
 
-    thread = threading.Thread(target=agent)
+    thread = threading.Thread(target=agent, daemon=True)
     thread.start()
     time.sleep(8)  # its group join (~5 s), as the worker's start is waited for
     produce_live(bootstrap, topic, rate, seconds, arrivals)

@@ -69,7 +69,7 @@ def _install_group_consumer(fetch_max_wait_ms: int, fetch_min_bytes: int = 1) ->
       a fetch until that wait expires (Tansu does) then adds up to 1.5 s to every event's
       latency.
     * ``fetch_min_bytes``: Faust passes nothing, so aiokafka asks for 1 byte and live traffic
-      comes in a fetch every few events (~110 fetches a second at 864 events/s), each a
+      comes in a fetch every few events (85-260 fetches a second at 864 events/s), each a
       request, a reply to parse and a hand-over to Faust's thread. Asking the broker to
       gather this many bytes (or ``fetch_max_wait_ms``) makes fewer, fuller fetches.
     * After a rebalance Faust seeks each partition to its committed offset, and aiokafka
