@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         description="Step statistics rows (flow x step x group) kept in total; durations of further "
         "new steps are counted in onboarding_input_bounded_total and not kept.",
     )
-    batch_window_seconds: float = Field(0.02, gt=0, le=10)
+    batch_window_seconds: float = Field(0.05, gt=0, le=10)
     max_event_bytes: int = Field(64 * 1024, ge=1024, le=10 * 1024 * 1024)
     max_future_skew_seconds: float = Field(
         86_400, ge=0, description="Events further in the future are invalid."
